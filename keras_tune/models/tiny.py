@@ -1,0 +1,100 @@
+"""Tiny offline tokenizers for the random-init `*_tiny` presets.
+
+A SentencePiece model is trained by this module on a small corpus shipped with the
+package (`keras_tune/assets/tiny_corpus.txt`) and cached under the user's cache
+directory, so tests and first runs never download a tokenizer. The special tokens
+keep Gemma's ids (`<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3) and the chat turn
+markers are single user-defined pieces, so the chat and translation recipes render
+exactly as they do with a real Gemma vocabulary. Byte fallback means any text
+(accents, emoji, code) tokenizes without `<unk>`.
+"""
+
+import hashlib
+import io
+import os
+from importlib import resources
+from pathlib import Path
+
+TINY_VOCABULARY_SIZE = 1024
+CHAT_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def cache_dir():
+    """Root of keras_tune's on-disk cache (`$KERAS_TUNE_CACHE` or `~/.cache/keras_tune`)."""
+    root = os.environ.get("KERAS_TUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras_tune"
+    )
+    return Path(root)
+
+
+def _corpus_text():
+    return resources.files("keras_tune.assets").joinpath("tiny_corpus.txt").read_text("utf-8")
+
+
+def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE):
+    """Returns a serialized SentencePiece model trained on the shipped tiny corpus.
+
+    The result is cached by a hash of the corpus and settings; a cached file that
+    does not parse is rebuilt.
+
+    Args:
+        vocabulary_size: number of pieces, including the 256 byte-fallback pieces.
+    """
+    import sentencepiece as spm
+
+    corpus = _corpus_text()
+    key = hashlib.sha256(f"{vocabulary_size}\n{corpus}".encode()).hexdigest()[:16]
+    path = cache_dir() / "tokenizers" / f"tiny-{key}.model"
+    if path.exists():
+        proto = path.read_bytes()
+        try:
+            spm.SentencePieceProcessor(model_proto=proto)
+            return proto
+        except RuntimeError:
+            pass  # half-written or corrupt cache: train again below
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        # Blocks keep their newlines so code indentation and chat turns get pieces.
+        sentence_iterator=iter(block for block in corpus.split("\n\n") if block),
+        model_writer=model,
+        vocab_size=vocabulary_size,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=list(CHAT_TOKENS),
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    proto = model.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    partial.write_bytes(proto)
+    os.replace(partial, path)  # atomic: readers see the old file or the whole new one
+    return proto
+
+
+def tiny_tokenizer(family):
+    """Builds the keras-hub tokenizer for a tiny preset of `family`.
+
+    Args:
+        family: "gemma", "gemma2" or "gemma3".
+    """
+    import keras_hub
+
+    proto = train_tiny_sentencepiece()
+    if family == "gemma3":
+        return keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
+    return keras_hub.models.GemmaTokenizer(proto=proto)
