@@ -43,20 +43,7 @@ def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE):
     import sentencepiece as spm
 
     corpus = _corpus_text()
-    key = hashlib.sha256(f"{vocabulary_size}\n{corpus}".encode()).hexdigest()[:16]
-    path = cache_dir() / "tokenizers" / f"tiny-{key}.model"
-    if path.exists():
-        proto = path.read_bytes()
-        try:
-            spm.SentencePieceProcessor(model_proto=proto)
-            return proto
-        except RuntimeError:
-            pass  # half-written or corrupt cache: train again below
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        # Blocks keep their newlines so code indentation and chat turns get pieces.
-        sentence_iterator=iter(block for block in corpus.split("\n\n") if block),
-        model_writer=model,
+    settings = dict(
         vocab_size=vocabulary_size,
         model_type="bpe",
         pad_id=0,
@@ -73,10 +60,27 @@ def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE):
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
+        # Gemma's own tokenizer does no normalization: newlines and tabs survive.
         normalization_rule_name="identity",
         character_coverage=1.0,
+    )
+    key = hashlib.sha256(f"{sorted(settings.items())}\n{corpus}".encode()).hexdigest()[:16]
+    path = cache_dir() / "tokenizers" / f"tiny-{key}.model"
+    if path.exists():
+        proto = path.read_bytes()
+        try:
+            spm.SentencePieceProcessor(model_proto=proto)
+            return proto
+        except RuntimeError:
+            pass  # half-written or corrupt cache: train again below
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        # Blocks keep their newlines so code indentation and chat turns get pieces.
+        sentence_iterator=iter(block for block in corpus.split("\n\n") if block),
+        model_writer=model,
         num_threads=1,
         minloglevel=2,
+        **settings,
     )
     proto = model.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
