@@ -1,0 +1,362 @@
+"""The run configuration: schema, preset lookup, overrides and validation.
+
+A run is described by one `ml_collections.ConfigDict`. A preset file
+(`presets/<name>.py`, a `get_config()` function) fills in the model; flags and
+`--set key=value` override fields; `validate()` is the one place that checks
+them. Everything downstream reads the validated config and nothing else.
+
+Example:
+
+```python
+import keras_tune
+config = keras_tune.load_config("gemma_tiny", overrides={"lora.rank": 8})
+print(config.model.arch.num_layers, config.lora.rank)
+```
+"""
+
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import ml_collections
+
+from keras_tune.errors import UserError
+
+DEFAULT_PRESET = "gemma3_270m_offline"
+FAMILIES = ("gemma", "gemma2", "gemma3")
+SOURCES = ("kaggle", "local", "tiny", "gguf")
+LORA_TARGETS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "ffw_gating",
+    "ffw_gating_2",
+    "ffw_linear",
+)
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+RECIPES = ("imdb", "mtnt", "code", "text", "chat")
+BATCHINGS = ("auto", "pack", "bucket", "pad")
+PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16")
+_MESH_PATTERN = re.compile(r"^(auto|\d+x\d+)$")
+
+
+def base_config():
+    """Returns the schema with every field at its default.
+
+    Presets start from this and set the model section; the CLI and notebooks
+    override single fields with `apply_overrides`.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "preset": "",
+            "description": "",
+            "model": {
+                # gemma | gemma2 | gemma3: picks the keras-hub classes and layouts.
+                "family": "gemma",
+                # kaggle: keras-hub handle through kagglehub; local: a keras-hub
+                # preset directory; tiny: random init + offline tokenizer;
+                # gguf: weights imported from a GGUF file.
+                "source": "kaggle",
+                "handle": "",
+                # A .gguf path, or "registry" for the Gemma 3 270M package.
+                "weights": "",
+                "instruct": False,
+                # keras-hub backbone constructor arguments, so planning needs
+                # no download.
+                "arch": {},
+            },
+            "distribution": {
+                "mesh": "auto",
+                "layout": "",
+                "simulate_devices": 0,
+            },
+            "lora": {
+                "rank": 4,
+                "targets": ("query", "value"),
+                # Scale of the update is alpha / rank; 0 means alpha = rank.
+                "alpha": 0.0,
+            },
+            "optimizer": {
+                "name": "adamw",
+                "learning_rate": 5e-5,
+                "weight_decay": 0.01,
+                "exclude_embeddings_from_decay": False,
+                "beta_1": 0.9,
+                "beta_2": 0.999,
+                "epsilon": 1e-7,
+                "momentum": 0.0,
+                "schedule": "constant",
+                "warmup_steps": 0,
+                "clipnorm": 1.0,
+                "accumulation_steps": 1,
+            },
+            "data": {
+                "name": "code",
+                "path": "",
+                "data_dir": "",
+                "max_examples": 0,
+                "seq_len": 128,
+                "batch_size": 2,
+                "validation_fraction": 0.05,
+                "max_validation_examples": 200,
+                "text_field": "text",
+                "prompt_field": "prompt",
+                "response_field": "response",
+                "messages_field": "messages",
+                "mtnt_pair": "en-fr",
+                "prompt_template": "Translate this into French:\n{source}\n",
+                "batching": "auto",
+                "key_tokens": ("plt", "pd", "sk", "fit", "predict"),
+                "key_token_alpha": 0.0,
+                "shuffle_buffer": 10000,
+            },
+            "train": {
+                "epochs": 1,
+                "steps": 0,
+                "seed": 0,
+                "output_dir": "",
+                "precision": "float32",
+                "eval_every": 0,
+                "eval_steps": 0,
+                "save_every": 0,
+                "keep_checkpoints": 3,
+                "resume": False,
+                "sample_prompts": (),
+                "sample_every": 0,
+                "sample_max_length": 64,
+                "peak_tflops": 0.0,
+            },
+            "run": {
+                "dry_run": False,
+                "show_sharding": False,
+            },
+        }
+    )
+
+
+def preset_dir():
+    """Directory holding the shipped preset files (works from a wheel too)."""
+    spec = importlib.util.find_spec("keras_tune.presets")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def list_presets():
+    """Returns the names of the shipped presets, sorted."""
+    return sorted(
+        path.stem for path in preset_dir().glob("*.py") if not path.stem.startswith("_")
+    )
+
+
+def _config_from_file(path):
+    spec = importlib.util.spec_from_file_location(f"_keras_tune_preset_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # a user's file: report where it broke, in one line
+        raise UserError(f"--config {path}: could not be loaded ({type(error).__name__}: {error})")
+    if not hasattr(module, "get_config"):
+        raise UserError(f"--config {path}: defines no get_config(); expected a copy of a presets/*.py file")
+    return module.get_config()
+
+
+def preset_config(name):
+    """Returns the unvalidated config of a shipped preset.
+
+    Args:
+        name: a preset name from `list_presets()`.
+    """
+    names = list_presets()
+    if name not in names:
+        close = [n for n in names if name.split("_")[0] in n][:6] or names[:6]
+        raise UserError(
+            f"unknown preset '{name}'; expected one of {len(names)} presets such as "
+            f"{', '.join(close)} (see --list-presets)"
+        )
+    module = importlib.import_module(f"keras_tune.presets.{name}")
+    return module.get_config()
+
+
+def _parse_value(text, current):
+    """Parses a `--set` value to the type of the field it replaces."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got '{text}'")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, (tuple, list)):
+        return tuple(part for part in text.split(",") if part)
+    return text
+
+
+def apply_overrides(config, overrides):
+    """Sets dotted fields (`{"lora.rank": 8}`) on `config`, refusing unknown ones.
+
+    String values are parsed to the field's type, so `--set` and flags share
+    one path.
+
+    Args:
+        config: a `ConfigDict` from a preset.
+        overrides: mapping of dotted field name to value (or string).
+    """
+    for dotted, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise UserError(f"unknown config field '{dotted}'; expected e.g. lora.rank, data.seq_len, train.steps")
+            node = node[part]
+        if leaf not in node and not (parents and parents[-1] == "arch"):
+            raise UserError(
+                f"unknown config field '{dotted}'; fields of '{'.'.join(parents) or 'config'}' are: "
+                f"{', '.join(sorted(node.keys()))}"
+            )
+        current = node[leaf] if leaf in node else None
+        if isinstance(value, str) and current is not None and not isinstance(current, str):
+            try:
+                value = _parse_value(value, current)
+            except ValueError as error:
+                raise UserError(f"--set {dotted}={value}: {error}")
+        if isinstance(value, list):
+            value = tuple(value)
+        with node.ignore_type():
+            node[leaf] = value
+    return config
+
+
+def _check(condition, message):
+    if not condition:
+        raise UserError(message)
+
+
+def validate(config):
+    """Checks every field a user can set; raises `UserError` with a one-line reason.
+
+    Only cheap checks live here (no JAX, no files opened): mesh against the
+    device count and layouts against real variables are checked in
+    `keras_tune.distribution`, still before any weight exists.
+
+    Args:
+        config: the `ConfigDict` to check.
+    """
+    model, dist, lora, opt, data, train = (
+        config.model,
+        config.distribution,
+        config.lora,
+        config.optimizer,
+        config.data,
+        config.train,
+    )
+    _check(model.family in FAMILIES, f"model.family '{model.family}' is not supported; expected one of {FAMILIES}")
+    _check(model.source in SOURCES, f"model.source '{model.source}' is not supported; expected one of {SOURCES}")
+    if model.source in ("kaggle", "local"):
+        _check(bool(model.handle), f"preset '{config.preset}' has source {model.source} but no model.handle")
+    if model.source == "gguf":
+        _check(bool(model.weights), "model.source is gguf but model.weights is empty; pass --weights PATH.gguf")
+        if model.weights != "registry":
+            _check(
+                os.path.isfile(model.weights),
+                f"--weights {model.weights}: no such file; expected a .gguf file",
+            )
+    _check(
+        isinstance(dist.mesh, str) and bool(_MESH_PATTERN.match(dist.mesh)),
+        f"--mesh '{dist.mesh}' is not of the form BxM (e.g. 1x8, 2x4) or 'auto'",
+    )
+    if dist.mesh != "auto":
+        batch, model_axis = (int(n) for n in dist.mesh.split("x"))
+        _check(batch > 0 and model_axis > 0, f"--mesh {dist.mesh}: both axes must be at least 1, e.g. 1x8")
+    _check(dist.simulate_devices >= 0, f"--simulate-devices {dist.simulate_devices}: expected 0 (off) or a positive count")
+    _check(lora.rank >= 0, f"--lora-rank {lora.rank}: expected 0 (full fine-tuning) or a positive rank such as 4")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    _check(not unknown, f"--lora-targets: unknown {unknown}; expected a comma list of {','.join(LORA_TARGETS)}")
+    _check(len(lora.targets) > 0 or lora.rank == 0, "--lora-targets is empty; expected e.g. query,value")
+    _check(lora.alpha >= 0, f"lora.alpha {lora.alpha}: expected >= 0 (0 means alpha = rank)")
+    _check(opt.name in OPTIMIZERS, f"--optimizer '{opt.name}'; expected one of {OPTIMIZERS}")
+    _check(opt.learning_rate > 0, f"--learning-rate {opt.learning_rate}: expected a positive number such as 5e-5")
+    _check(opt.weight_decay >= 0, f"--weight-decay {opt.weight_decay}: expected >= 0")
+    _check(opt.schedule in SCHEDULES, f"--schedule '{opt.schedule}'; expected one of {SCHEDULES}")
+    _check(opt.warmup_steps >= 0, f"--warmup-steps {opt.warmup_steps}: expected >= 0")
+    _check(opt.clipnorm >= 0, f"--clipnorm {opt.clipnorm}: expected >= 0 (0 disables clipping)")
+    _check(opt.accumulation_steps >= 1, f"--accumulation-steps {opt.accumulation_steps}: expected >= 1")
+    _check(data.name in RECIPES, f"--data '{data.name}'; expected one of {RECIPES}")
+    _check(data.batching in BATCHINGS, f"--batching '{data.batching}'; expected one of {BATCHINGS}")
+    _check(data.seq_len >= 8, f"--seq-len {data.seq_len}: expected at least 8 tokens")
+    _check(data.batch_size >= 1, f"--batch-size {data.batch_size}: expected at least 1")
+    _check(data.max_examples >= 0, f"--max-examples {data.max_examples}: expected >= 0 (0 means all)")
+    _check(0.0 <= data.validation_fraction < 1.0, f"data.validation_fraction {data.validation_fraction}: expected in [0, 1)")
+    _check(train.epochs >= 1, f"--epochs {train.epochs}: expected at least 1")
+    _check(train.steps >= 0, f"--steps {train.steps}: expected >= 0 (0 means one pass over the data)")
+    _check(train.precision in PRECISIONS, f"--precision '{train.precision}'; expected one of {PRECISIONS}")
+    for field in ("eval_every", "eval_steps", "save_every", "sample_every"):
+        _check(train[field] >= 0, f"train.{field} {train[field]}: expected >= 0 (0 disables)")
+    _check(train.keep_checkpoints >= 1, f"--keep-checkpoints {train.keep_checkpoints}: expected at least 1")
+    # A GGUF carries its architecture in its metadata; every other source needs it here.
+    _check(
+        len(model.arch) > 0 or model.source == "gguf",
+        f"preset '{config.preset}' has no model.arch numbers; expected keras-hub backbone arguments",
+    )
+    return config
+
+
+def load_config(preset=None, config_file=None, overrides=None):
+    """Builds and validates a run config.
+
+    Args:
+        preset: a shipped preset name; defaults to the offline Gemma 3 270M.
+        config_file: a user's copy of a preset file (its `get_config()` is used
+            instead of `preset`).
+        overrides: dotted field overrides such as `{"lora.rank": 8}`.
+
+    Returns:
+        A validated, locked `ConfigDict` (fields can be changed, none added).
+    """
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"--config {config_file}: no such file; expected a copy of a presets/*.py file")
+        config = _config_from_file(config_file)
+    else:
+        config = preset_config(preset or DEFAULT_PRESET)
+    # A copied preset from an older version still gets every field.
+    merged = base_config()
+    merged.update(config)
+    config = merged
+    apply_overrides(config, overrides)
+    validate(config)
+    config.lock()
+    return config
+
+
+def to_json(config):
+    """Serializes a config to JSON text (tuples become lists)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text):
+    """Rebuilds a config saved by `to_json` (used by resume and adapters)."""
+    data = json.loads(text)
+    config = base_config()
+    config.update(_tuples(data))
+    return config
+
+
+def _tuples(value):
+    if isinstance(value, dict):
+        return {k: (v if k == "arch" else _tuples(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def clone(config):
+    """Returns an unlocked deep copy of a config."""
+    return ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))

@@ -1,0 +1,352 @@
+"""Device mesh, layout maps as data, and the sharding plan of a model.
+
+A layout file (`layouts/<family>_<style>.json`) maps variable-path regexes to
+mesh axes, with fallbacks for tensors whose sharded dimension does not divide
+the mesh axis (one key/value head on an 8-way model axis, say). `plan_sharding`
+resolves every variable of an abstract model (shapes only, no memory) against a
+mesh, checks each rule and dimension, and hands back the plan from which the
+keras `ModelParallel` distribution, the sharding table and the per-device
+memory figures are all derived, so they cannot disagree.
+
+Example:
+
+```python
+import keras_tune
+config = keras_tune.load_config("gemma_tiny", overrides={"distribution.mesh": "2x4"})
+plan = keras_tune.plan_sharding(config, keras_tune.abstract_model(config).weights)
+keras.distribution.set_distribution(plan.distribution())
+print(plan.table())
+```
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+from importlib import util as importlib_util
+from pathlib import Path
+
+from keras_tune.errors import UserError
+
+MESH_AXES = ("batch", "model")
+
+
+def simulate_devices(count):
+    """Makes JAX expose `count` CPU devices. Call before JAX initializes.
+
+    Args:
+        count: number of simulated host devices (0 leaves things as they are).
+    """
+    if not count:
+        return
+    import sys
+
+    if "jax" in sys.modules:
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except Exception:  # backend already initialized: checked below
+            pass
+        jax.config.update("jax_platforms", "cpu")
+        if len(jax.devices()) != count:
+            raise UserError(
+                f"--simulate-devices {count}: JAX already started with {len(jax.devices())} devices; "
+                "pass the flag on the command line before anything imports JAX"
+            )
+        return
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def parse_mesh(text, device_count):
+    """Turns `"BxM"` or `"auto"` into `(batch, model)` sizes for `device_count` devices.
+
+    Args:
+        text: the `--mesh` value.
+        device_count: how many devices JAX sees.
+    """
+    if text == "auto":
+        return 1, device_count
+    match = re.fullmatch(r"(\d+)x(\d+)", text or "")
+    if not match:
+        raise UserError(f"--mesh '{text}' is not of the form BxM (e.g. 1x8) or 'auto'")
+    batch, model = int(match.group(1)), int(match.group(2))
+    if batch < 1 or model < 1:
+        raise UserError(f"--mesh {text}: both axes must be at least 1, e.g. 1x{device_count}")
+    if batch * model != device_count:
+        raise UserError(
+            f"--mesh {text} needs {batch * model} devices but {device_count} were found; "
+            f"use a mesh whose product is {device_count} (e.g. 1x{device_count}), or --simulate-devices "
+            f"{batch * model} on CPU"
+        )
+    return batch, model
+
+
+def make_mesh(text, devices=None):
+    """Builds a `keras.distribution.DeviceMesh` with axes ("batch", "model").
+
+    Args:
+        text: the `--mesh` value, "BxM" or "auto".
+        devices: devices to use; defaults to every device JAX sees (a test
+            passes the first one for a 1x1 mesh).
+    """
+    import keras
+
+    all_devices = devices if devices is not None else keras.distribution.list_devices()
+    batch, model = parse_mesh(text, len(all_devices))
+    return keras.distribution.DeviceMesh(
+        shape=(batch, model), axis_names=MESH_AXES, devices=all_devices[: batch * model]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutRule:
+    pattern: str
+    candidates: tuple  # tuples of axes, first preferred
+    why: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    family: str
+    description: str
+    rules: tuple
+
+
+def layout_dir():
+    """Directory holding the shipped layout files (works from a wheel too)."""
+    spec = importlib_util.find_spec("keras_tune.layouts")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def list_layouts():
+    """Returns the names of the shipped layouts, sorted."""
+    return sorted(path.stem for path in layout_dir().glob("*.json"))
+
+
+def load_layout(name_or_path, family=None):
+    """Reads a layout from a shipped name (`gemma_tp`) or a JSON file path.
+
+    Args:
+        name_or_path: layout name or path to a `.json` file in the same format.
+        family: the model family; a layout written for another family is refused.
+    """
+    path = Path(name_or_path)
+    if not (name_or_path.endswith(".json") or os.sep in name_or_path):
+        path = layout_dir() / f"{name_or_path}.json"
+    if not path.is_file():
+        raise UserError(
+            f"unknown layout '{name_or_path}'; expected one of {', '.join(list_layouts())} or a path to a .json layout"
+        )
+    try:
+        data = json.loads(path.read_text())
+        rules = tuple(
+            LayoutRule(
+                pattern=rule["pattern"],
+                candidates=tuple(tuple(axes) for axes in [rule["axes"], *rule.get("fallback", [])]),
+                why=rule.get("why", ""),
+            )
+            for rule in data["rules"]
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"layout {path}: not a valid layout file ({error}); expected {{'rules': [{{'pattern', 'axes'}}]}}")
+    for rule in rules:
+        try:
+            re.compile(rule.pattern)
+        except re.error as error:
+            raise UserError(f"layout {path}: rule '{rule.pattern}' is not a valid regex ({error})")
+        for axes in rule.candidates:
+            bad = [axis for axis in axes if axis not in (*MESH_AXES, None)]
+            if bad:
+                raise UserError(f"layout {path}: rule '{rule.pattern}' names mesh axes {bad}; expected {MESH_AXES} or null")
+    layout_family = data.get("family", family)
+    if family and layout_family != family:
+        raise UserError(
+            f"layout '{name_or_path}' is written for {layout_family} models but the preset is {family}; "
+            f"expected a {family}_* layout such as {family}_tp"
+        )
+    return Layout(path.stem, layout_family, data.get("description", ""), rules)
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where one variable lives: its axes and how they were chosen."""
+
+    path: str
+    shape: tuple
+    dtype: str
+    trainable: bool
+    axes: tuple
+    rule: str = ""
+    note: str = ""
+
+    def shard_factor(self, mesh_sizes):
+        return math.prod(mesh_sizes[axis] for axis in self.axes if axis)
+
+
+def _fits(shape, axes, mesh_sizes):
+    return len(axes) == len(shape) and all(
+        axis is None or dim % mesh_sizes[axis] == 0 for dim, axis in zip(shape, axes)
+    )
+
+
+def resolve_layout(layout, variables, mesh_sizes):
+    """Chooses each variable's axes from the layout; checks every rule.
+
+    Args:
+        layout: a `Layout`.
+        variables: keras variables (abstract ones are fine: only path, shape,
+            dtype and trainable are read).
+        mesh_sizes: mapping of axis name to size, e.g. {"batch": 2, "model": 4}.
+
+    Returns:
+        A list of `Placement`, one per variable, in the model's order.
+    """
+    placements, matched = [], {rule.pattern: 0 for rule in layout.rules}
+    for variable in variables:
+        path, shape = variable.path, tuple(variable.shape)
+        rules = [rule for rule in layout.rules if re.fullmatch(rule.pattern, path)]
+        if len(rules) > 1:
+            raise UserError(
+                f"layout {layout.name}: variable {path} matches several rules {[r.pattern for r in rules]}; "
+                "expected at most one"
+            )
+        axes, rule_pattern, note = (None,) * len(shape), "", ""
+        if rules:
+            rule = rules[0]
+            matched[rule.pattern] += 1
+            fitting = [axes for axes in rule.candidates if _fits(shape, axes, mesh_sizes)]
+            if not fitting:
+                first = rule.candidates[0]
+                bad = next(
+                    (f"dimension {i} ({dim}) does not divide mesh axis '{axis}' of size {mesh_sizes[axis]}"
+                     for i, (dim, axis) in enumerate(zip(shape, first)) if axis and dim % mesh_sizes[axis])
+                    if len(first) == len(shape) else None,
+                    f"rule has {len(first)} axes but the variable has {len(shape)} dimensions",
+                )
+                raise UserError(
+                    f"layout {layout.name}: rule '{rule.pattern}' cannot shard {path} of shape {shape}: {bad}, "
+                    "and no fallback fits; expected dimensions divisible by the mesh axes"
+                )
+            axes, rule_pattern = fitting[0], rule.pattern
+            if axes != rule.candidates[0]:
+                note = f"fallback: {rule.candidates[0]} does not divide {shape}"
+        placements.append(
+            Placement(path, shape, str(variable.dtype), bool(variable.trainable), tuple(axes), rule_pattern, note)
+        )
+    unused = [pattern for pattern, count in matched.items() if count == 0]
+    if unused:
+        raise UserError(
+            f"layout {layout.name}: rule '{unused[0]}' matches no variable of this model; "
+            f"expected paths such as {placements[1].path if len(placements) > 1 else '...'}"
+        )
+    return placements
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int8": 1, "float64": 8}
+
+
+@dataclasses.dataclass
+class ShardingPlan:
+    """A mesh, a layout and every variable's placement."""
+
+    mesh: object
+    layout: Layout
+    placements: list
+
+    @property
+    def mesh_sizes(self):
+        return dict(zip(self.mesh.axis_names, self.mesh.shape))
+
+    def layout_map(self):
+        """A keras `LayoutMap` keyed by exact variable paths (no regex ambiguity)."""
+        import keras
+
+        layout_map = keras.distribution.LayoutMap(self.mesh)
+        for placement in self.placements:
+            if any(placement.axes):
+                layout_map[re.escape(placement.path)] = placement.axes
+        return layout_map
+
+    def distribution(self):
+        """The keras `ModelParallel` distribution for this plan."""
+        import keras
+
+        return keras.distribution.ModelParallel(layout_map=self.layout_map(), batch_dim_name="batch")
+
+    def memory(self, optimizer_slots=2, dtype_bytes=None):
+        """Bytes per device for base weights, LoRA/trainable weights and optimizer state.
+
+        Args:
+            optimizer_slots: state tensors per trainable variable (AdamW 2, SGD 0/1).
+            dtype_bytes: override the bytes per element (planning in another precision).
+        """
+        sizes = self.mesh_sizes
+        totals = {"frozen": 0, "trainable": 0, "optimizer": 0, "replicated": 0}
+        for placement in self.placements:
+            per = dtype_bytes or _DTYPE_BYTES.get(placement.dtype, 4)
+            nbytes = math.prod(placement.shape) * per / placement.shard_factor(sizes)
+            totals["trainable" if placement.trainable else "frozen"] += nbytes
+            if placement.trainable:
+                # Optimizer slots take the variable's layout and stay float32.
+                totals["optimizer"] += optimizer_slots * math.prod(placement.shape) * 4 / placement.shard_factor(sizes)
+            if not any(placement.axes):
+                totals["replicated"] += nbytes
+        return totals
+
+    def table(self, paths=None):
+        """The sharding table: path, shape, PartitionSpec (and fallbacks), plus totals.
+
+        Args:
+            paths: variables to list; defaults to the embedding and the first
+                decoder block, as the seed tutorial prints.
+        """
+        rows = [
+            p for p in self.placements
+            if (paths is None and (p.path.startswith("token_embedding/") or p.path.startswith("decoder_block_0/")))
+            or (paths is not None and p.path in paths)
+        ]
+        width = max([len(p.path) for p in rows] + [8])
+        lines = [f"{'variable':<{width}}  {'shape':<20} {'PartitionSpec':<28} note"]
+        for p in rows:
+            spec = "PartitionSpec(" + ", ".join(repr(a) for a in p.axes) + ")"
+            note = p.note or ("replicated" if not any(p.axes) else "")
+            lines.append(f"{p.path:<{width}}  {str(p.shape):<20} {spec:<28} {note}")
+        memory = self.memory()
+        lines.append(
+            f"mesh {self.mesh.shape} {self.mesh.axis_names}, layout {self.layout.name}: "
+            f"{len(self.placements)} variables, {sum(1 for p in self.placements if any(p.axes))} sharded, "
+            f"{format_bytes(memory['replicated'])} replicated per device"
+        )
+        return "\n".join(lines)
+
+
+def plan_sharding(config, variables, devices=None):
+    """Resolves the config's mesh and layout against a model's variables.
+
+    Args:
+        config: a validated run config.
+        variables: the model's variables (from `keras_tune.abstract_model`).
+        devices: devices for the mesh; defaults to all.
+    """
+    mesh = make_mesh(config.distribution.mesh, devices)
+    layout = load_layout(config.distribution.layout or f"{config.model.family}_tp", config.model.family)
+    placements = resolve_layout(layout, variables, dict(zip(mesh.axis_names, mesh.shape)))
+    if config.data.batch_size % mesh.shape[0]:
+        raise UserError(
+            f"--batch-size {config.data.batch_size} does not divide over the mesh's batch axis of size "
+            f"{mesh.shape[0]}; expected a multiple of {mesh.shape[0]}"
+        )
+    return ShardingPlan(mesh, layout, placements)
+
+
+def format_bytes(count):
+    """Human-readable byte count (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024

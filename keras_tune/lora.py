@@ -1,0 +1,198 @@
+"""LoRA toggle, trainable-parameter report, adapter files and merging.
+
+An adapter file is a `.npz` holding the LoRA matrices keyed by variable path,
+plus a JSON record of the base preset, rank, alpha, targets and shapes. Loading
+checks that record against the model first, so an adapter from another preset,
+rank or target set is refused whole instead of being loaded half-way (keras-hub's
+own `.lora.h5` files identify layers by index and cannot tell).
+
+Example:
+
+```python
+keras_tune.apply_lora(causal_lm, rank=4, targets=("query", "value"))
+print(keras_tune.trainable_report(causal_lm))
+keras_tune.save_adapter(causal_lm, "run/adapter.npz", preset="gemma_tiny")
+```
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from keras_tune.errors import UserError
+
+ADAPTER_FORMAT = "keras_tune.lora/1"
+_METADATA_KEY = "__keras_tune_metadata__"
+
+
+def _backbone(model):
+    return getattr(model, "backbone", model)
+
+
+def apply_lora(model, rank, targets=("query", "value"), alpha=0.0):
+    """Freezes the base weights and adds rank-`rank` adapters to the named layers.
+
+    `rank=0` means full fine-tuning: every weight stays trainable.
+
+    Args:
+        model: a keras-hub CausalLM or Backbone.
+        rank: LoRA rank; 0 turns LoRA off.
+        targets: layer names to adapt: query, key, value, attention_output,
+            ffw_gating, ffw_gating_2, ffw_linear.
+        alpha: scale numerator; the update is scaled by alpha / rank
+            (0 means alpha = rank, a scale of 1, as keras-hub does).
+
+    Returns:
+        The paths of the layers that received adapters.
+    """
+    backbone = _backbone(model)
+    if rank == 0:
+        backbone.trainable = True
+        return []
+    backbone.trainable = True
+    for layer in backbone._flatten_layers(include_self=False):
+        layer.trainable = False
+    adapted = []
+    for layer in backbone._flatten_layers(include_self=False):
+        if layer.name in targets and hasattr(layer, "enable_lora") and layer.weights:
+            layer.trainable = True
+            layer.enable_lora(rank, lora_alpha=alpha or rank)
+            adapted.append(layer.path)
+    if not adapted:
+        raise UserError(f"--lora-targets {','.join(targets)}: no layer of this model has those names")
+    # keras-hub's save/load_lora_weights read these.
+    backbone._lora_rank = rank
+    return adapted
+
+
+def trainable_report(model):
+    """Counts trainable and total parameters.
+
+    Args:
+        model: a keras-hub CausalLM or Backbone.
+
+    Returns:
+        A dict with `trainable`, `total` and `fraction`.
+    """
+    backbone = _backbone(model)
+    trainable = sum(math.prod(v.shape) for v in backbone.trainable_weights)
+    total = sum(math.prod(v.shape) for v in backbone.weights)
+    return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}
+
+
+def format_report(report):
+    """One line such as `trainable 11,067,392 of 8,548,748,288 parameters (0.129%)`."""
+    return (
+        f"trainable {report['trainable']:,} of {report['total']:,} parameters "
+        f"({100 * report['fraction']:.3f}%)"
+    )
+
+
+def _lora_layers(model):
+    return [
+        layer
+        for layer in _backbone(model)._flatten_layers(include_self=False)
+        if getattr(layer, "lora_enabled", False)
+    ]
+
+
+def adapter_metadata(model, preset):
+    """The record an adapter file carries, used to refuse mismatches."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise UserError("this model has no LoRA layers; expected --lora-rank > 0 to save an adapter")
+    return {
+        "format": ADAPTER_FORMAT,
+        "preset": preset,
+        "rank": int(layers[0].lora_rank),
+        "alpha": float(layers[0].lora_alpha),
+        "targets": sorted({layer.name for layer in layers}),
+        "variables": {
+            v.path: list(v.shape) for layer in layers for v in (layer.lora_kernel_a, layer.lora_kernel_b)
+        },
+    }
+
+
+def save_adapter(model, path, preset):
+    """Writes the LoRA weights and their record to `path` (`.npz`), atomically.
+
+    Args:
+        model: a keras-hub CausalLM with LoRA enabled.
+        path: destination file; written to a temporary name, then renamed.
+        preset: the base preset name recorded in the file.
+    """
+    metadata = adapter_metadata(model, preset)
+    arrays = {
+        v.path: np.asarray(v.numpy()) for layer in _lora_layers(model) for v in (layer.lora_kernel_a, layer.lora_kernel_b)
+    }
+    arrays[_METADATA_KEY] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    partial = f"{path}.partial-{os.getpid()}.npz"
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+    return metadata
+
+
+def read_adapter(path):
+    """Returns `(metadata, arrays)` from an adapter file, refusing unreadable ones."""
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        metadata = json.loads(arrays.pop(_METADATA_KEY).tobytes().decode())
+    except FileNotFoundError:
+        raise UserError(f"--adapter {path}: no such file")
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise UserError(f"--adapter {path}: not a keras_tune adapter file ({type(error).__name__}); expected a .npz written by keras_tune")
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"--adapter {path}: format {metadata.get('format')!r}; expected {ADAPTER_FORMAT!r}")
+    return metadata, arrays
+
+
+def load_adapter(model, path, preset=None):
+    """Enables LoRA as the adapter file says and loads its weights, all or nothing.
+
+    Args:
+        model: a keras-hub CausalLM without LoRA (or with the same LoRA).
+        path: an adapter written by `save_adapter`.
+        preset: the model's preset name; a different one in the file is refused.
+    """
+    metadata, arrays = read_adapter(path)
+    if preset and metadata["preset"] != preset:
+        raise UserError(
+            f"--adapter {path} was trained on preset {metadata['preset']} but the model is {preset}; "
+            "expected an adapter of the same base model"
+        )
+    if not _lora_layers(model):
+        apply_lora(model, metadata["rank"], tuple(metadata["targets"]), metadata["alpha"])
+    current = adapter_metadata(model, metadata["preset"])
+    for field in ("rank", "targets", "variables"):
+        if current[field] != metadata[field]:
+            mine, theirs = current[field], metadata[field]
+            if field == "variables":
+                key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+                mine, theirs = f"{key} {mine.get(key, 'missing')}", f"{key} {theirs.get(key, 'missing')}"
+            raise UserError(
+                f"--adapter {path}: {field} {theirs} does not match the model's {mine}; "
+                "expected an adapter of the same preset, rank and targets"
+            )
+    for layer in _lora_layers(model):
+        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+            variable.assign(arrays[variable.path])
+    return metadata
+
+
+def merge_lora(model):
+    """Folds every adapter into its base kernel: W <- W + (alpha / rank) A B.
+
+    The adapters are zeroed, so the model computes the same function and can be
+    saved as a plain preset (Keras saves EinsumDense kernels merged anyway).
+
+    Args:
+        model: a keras-hub CausalLM with LoRA enabled.
+    """
+    for layer in _lora_layers(model):
+        merged = layer.kernel  # keras returns the kernel with the LoRA update added
+        layer._kernel.assign(merged)
+        layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, layer.lora_kernel_b.dtype))
+    return model

@@ -1,0 +1,12 @@
+"""Gemma 2B instruction-tuned (keras-hub preset `gemma_instruct_2b_en`): the architecture of `gemma_2b_en`."""
+
+from keras_tune.presets.gemma_2b_en import get_config as base_preset
+
+
+def get_config():
+    config = base_preset()
+    config.preset = "gemma_instruct_2b_en"
+    config.description = "Gemma 2B instruction-tuned"
+    config.model.handle = "kaggle://keras/gemma/keras/gemma_instruct_2b_en/3"
+    config.model.instruct = True
+    return config
