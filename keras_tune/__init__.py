@@ -1,2 +1,58 @@
+"""keras_tune: distributed LoRA fine-tuning of Gemma-family models with Keras 3 and keras-hub.
+
+The public API, in the order of the training path:
+
+```python
+import keras, keras_tune
+
+config = keras_tune.load_config("gemma_tiny", overrides={"distribution.mesh": "2x4"})
+plan = keras_tune.plan_sharding(config, keras_tune.abstract_model(config).weights)
+keras.distribution.set_distribution(plan.distribution())
+causal_lm = keras_tune.load_causal_lm(config)
+keras_tune.apply_lora(causal_lm, config.lora.rank, config.lora.targets)
+data = keras_tune.make_datasets(config.data, causal_lm.preprocessor.tokenizer)
+optimizer = keras_tune.build_optimizer(config.optimizer, total_steps=100)
+# ... or all of it at once, as the CLI does:
+keras_tune.run(config)
+```
+
+Names are imported lazily, so `import keras_tune` does not start JAX: a
+notebook can still call `keras_tune.simulate_devices(8)` first.
+"""
+
+import importlib
 import os
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+_EXPORTS = {
+    "UserError": "keras_tune.errors",
+    "load_config": "keras_tune.config",
+    "list_presets": "keras_tune.config",
+    "base_config": "keras_tune.config",
+    "simulate_devices": "keras_tune.distribution",
+    "make_mesh": "keras_tune.distribution",
+    "load_layout": "keras_tune.distribution",
+    "list_layouts": "keras_tune.distribution",
+    "plan_sharding": "keras_tune.distribution",
+    "abstract_model": "keras_tune.models.loader",
+    "load_causal_lm": "keras_tune.models.loader",
+    "apply_lora": "keras_tune.lora",
+    "trainable_report": "keras_tune.lora",
+    "save_adapter": "keras_tune.lora",
+    "load_adapter": "keras_tune.lora",
+    "merge_lora": "keras_tune.lora",
+    "build_optimizer": "keras_tune.optim",
+    "make_datasets": "keras_tune.data",
+    "evaluate_texts": "keras_tune.evaluate",
+    "run": "keras_tune.fit",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'keras_tune' has no attribute {name!r}")
