@@ -148,7 +148,6 @@ def run(config, devices=None, callbacks=()):
     """
     import keras
 
-    from keras_tune.data import make_datasets
     from keras_tune.distribution import format_bytes, plan_sharding
     from keras_tune.lora import apply_lora, format_report, save_adapter, trainable_report
     from keras_tune.models.loader import abstract_model, check_source, load_causal_lm
@@ -188,6 +187,8 @@ def run(config, devices=None, callbacks=()):
     print(f"model built in {time.time() - started:.1f}s: {format_report(trainable)}")
 
     # 3. Data through the shared module, tokenized by this model's tokenizer.
+    from keras_tune.data import make_datasets
+
     data = make_datasets(config.data, causal_lm.preprocessor.tokenizer, seed=train.seed)
     print(data.report.summary())
     if train.steps:

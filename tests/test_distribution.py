@@ -1,0 +1,160 @@
+"""Meshes, layouts and sharding on 8 simulated CPU devices."""
+
+import json
+
+import jax
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_tune import config as config_lib
+from keras_tune.distribution import layout_dir, load_layout, parse_mesh, plan_sharding, resolve_layout
+from keras_tune.errors import UserError
+from keras_tune.fit import run
+from keras_tune.lora import apply_lora
+from keras_tune.models.loader import abstract_model, load_causal_lm
+from keras_tune.optim import build_optimizer
+
+REAL_PRESETS = [
+    name for name in config_lib.list_presets() if config_lib.load_config(name).model.source == "kaggle"
+]
+
+
+def test_eight_devices_are_simulated():
+    assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("text, expected", [("1x8", (1, 8)), ("2x4", (2, 4)), ("8x1", (8, 1)), ("auto", (1, 8))])
+def test_parse_mesh(text, expected):
+    assert parse_mesh(text, 8) == expected
+
+
+def test_mesh_of_the_wrong_size_lists_the_devices_found():
+    with pytest.raises(UserError, match=r"--mesh 3x3 needs 9 devices but 8 were found"):
+        parse_mesh("3x3", 8)
+
+
+@pytest.mark.parametrize("name", REAL_PRESETS)
+def test_real_presets_match_keras_hub_parameter_counts(name):
+    config = config_lib.load_config(name)
+    backbone = abstract_model(config, lora=False)
+    classes = [keras_hub.models.GemmaBackbone, keras_hub.models.Gemma3Backbone]
+    params = next(c.presets[name]["metadata"]["params"] for c in classes if name in c.presets)
+    assert sum(int(np.prod(v.shape)) for v in backbone.weights) == params
+
+
+@pytest.mark.parametrize("mesh", ["1x8", "2x4"])
+@pytest.mark.parametrize("name", config_lib.list_presets())
+def test_dry_run_every_preset(name, mesh, capsys):
+    config = config_lib.load_config(name, overrides={"distribution.mesh": mesh, "run.dry_run": True})
+    result = run(config)
+    out = capsys.readouterr().out
+    assert "replicated per device" in out
+    assert "per device: base weights" in out
+    sizes = result.plan.mesh_sizes
+    for placement in result.plan.placements:
+        for dim, axis in zip(placement.shape, placement.axes):
+            assert axis is None or dim % sizes[axis] == 0
+
+
+def test_gemma_7b_lora_count_matches_the_tutorial():
+    config = config_lib.load_config("gemma_7b_en", overrides={"lora.rank": 4})
+    backbone = abstract_model(config)
+    trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+    total = sum(int(np.prod(v.shape)) for v in backbone.weights)
+    assert trainable == 11_067_392  # "about 11 million" in the Keras distributed tuning tutorial
+    assert 8.5e9 < total < 8.6e9
+
+
+def test_single_kv_head_falls_back_to_sharding_hidden():
+    config = config_lib.load_config("gemma3_270m", overrides={"distribution.mesh": "1x8"})
+    plan = plan_sharding(config, abstract_model(config).weights)
+    by_path = {p.path: p for p in plan.placements}
+    key = by_path["decoder_block_0/attention/key/kernel"]
+    assert key.shape == (1, 640, 256) and key.axes == (None, "model", None) and "fallback" in key.note
+    query = by_path["decoder_block_0/attention/query/kernel"]  # 4 heads do not divide 8
+    assert query.axes == (None, "model", None)
+    assert by_path["token_embedding/embeddings"].axes == ("model", None)
+    assert "fallback" in plan.table()
+
+
+def test_layout_rule_matching_nothing_is_named(tmp_path):
+    layout = json.loads((layout_dir() / "gemma_tp.json").read_text())
+    layout["rules"].append({"pattern": "decoder_block.*mlp/kernel", "axes": [None, "model"]})
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(layout))
+    config = config_lib.load_config("gemma_tiny", overrides={"distribution.layout": str(path)})
+    with pytest.raises(UserError, match=r"rule 'decoder_block\.\*mlp/kernel' matches no variable"):
+        plan_sharding(config, abstract_model(config).weights)
+
+
+def test_dimension_that_cannot_divide_names_rule_variable_shape_axis(tmp_path):
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"family": "gemma", "rules": [{"pattern": "final_normalization/scale", "axes": ["model"]}]}))
+
+    class Variable:  # a 60-wide scale cannot split 8 ways
+        path, shape, dtype, trainable = "final_normalization/scale", (60,), "float32", False
+
+    with pytest.raises(UserError, match=r"rule 'final_normalization/scale' cannot shard final_normalization/scale of shape \(60,\).*'model' of size 8"):
+        resolve_layout(load_layout(str(path), "gemma"), [Variable()], {"batch": 1, "model": 8})
+
+
+@pytest.mark.parametrize("preset, layout", [("gemma_tiny", "gemma_tp"), ("gemma2_tiny", "gemma2_fsdp"), ("gemma3_tiny", "gemma3_tp")])
+def test_variables_carry_the_layout_partition_spec(preset, layout):
+    config = config_lib.load_config(preset, overrides={"distribution.mesh": "2x4", "distribution.layout": layout})
+    plan = plan_sharding(config, abstract_model(config).weights)
+    keras.distribution.set_distribution(plan.distribution())
+    causal_lm = load_causal_lm(config)
+    apply_lora(causal_lm, config.lora.rank, config.lora.targets)
+    expected = {p.path: p.axes for p in plan.placements}
+    checked = 0
+    for variable in causal_lm.backbone.weights:
+        spec = tuple(variable.value.sharding.spec)
+        axes = expected[variable.path]
+        assert spec + (None,) * (len(axes) - len(spec)) == axes, variable.path
+        checked += any(axes)
+    assert checked >= 5 * config.model.arch.num_layers
+
+
+def _one_step(preset, mesh, devices):
+    config = config_lib.load_config(preset, overrides={"distribution.mesh": mesh, "train.seed": 7})
+    plan = plan_sharding(config, abstract_model(config).weights, devices=devices)
+    keras.distribution.set_distribution(plan.distribution())
+    causal_lm = load_causal_lm(config)
+    apply_lora(causal_lm, config.lora.rank, config.lora.targets)
+    causal_lm.compile(
+        optimizer=build_optimizer(config.optimizer, total_steps=10),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    batch, length = config.data.batch_size, config.data.seq_len
+    tokens = rng.integers(4, 1000, size=(batch, length + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((batch, length), bool)}
+    weights = np.ones((batch, length), "float32")
+    weights[:, :5] = 0.0  # a prompt: no loss there
+    base_before = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.weights if "lora" not in v.path}
+    causal_lm.preprocessor = None
+    loss = float(causal_lm.train_on_batch(x, tokens[:, 1:], sample_weight=weights, return_dict=True)["loss"])
+    lora = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.trainable_weights}
+    base_after = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.weights if "lora" not in v.path}
+    keras.distribution.set_distribution(None)
+    return loss, lora, base_before, base_after
+
+
+@pytest.mark.parametrize("preset", ["gemma_tiny", "gemma3_tiny"])
+def test_one_step_gives_the_same_loss_and_lora_update_on_every_mesh(preset):
+    devices = keras.distribution.list_devices()
+    reference_loss, reference_lora, before, after = _one_step(preset, "1x1", devices[:1])
+    # LoRA training leaves the base weights bit-identical.
+    assert before.keys() == after.keys()
+    for path in before:
+        np.testing.assert_array_equal(before[path], after[path], err_msg=path)
+    assert all(path.endswith(("lora_kernel_a", "lora_kernel_b")) for path in reference_lora)
+    for mesh in ("1x8", "2x4", "4x2", "8x1"):
+        loss, lora, _, _ = _one_step(preset, mesh, devices)
+        np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, err_msg=mesh)
+        for path, value in reference_lora.items():
+            # Adam divides by sqrt(v) + eps, so a near-zero gradient's reduction-order
+            # noise reaches ~1e-7 absolute; 1e-6 is 0.1% of one step at lr 1e-3.
+            np.testing.assert_allclose(lora[path], value, rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {path}")
