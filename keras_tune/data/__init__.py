@@ -1,0 +1,52 @@
+"""Data for fine-tuning: a named recipe in, batched `(x, y, sample_weight)` datasets out.
+
+Recipes (one file each): `imdb` (TFDS imdb_reviews), `mtnt` (TFDS mtnt/<pair>),
+`code` (Python sources), `text` (your .txt/.jsonl/.json/.csv files), `chat`
+(instruction data in Gemma's turn format). They all go through one pipeline
+(`pipeline.py`): tokenize in tf.data with the preset's tokenizer, mask, then
+pack, bucket or pad into static-shape batches.
+
+Example:
+
+```python
+import ml_collections
+from keras_tune.data import make_datasets
+from keras_tune.models.tiny import tiny_tokenizer
+
+config = keras_tune.load_config("gemma3_tiny", overrides={"data.name": "text", "data.path": "notes.txt"})
+bundle = make_datasets(config.data, tiny_tokenizer("gemma3"), seed=0)
+print(bundle.report.summary())
+model.fit(bundle.train.repeat(), steps_per_epoch=bundle.steps_per_epoch, validation_data=bundle.validation)
+```
+"""
+
+from keras_tune.data import chat, code, imdb, mtnt, text
+from keras_tune.data.pipeline import DataBundle, Source, make_bundle
+from keras_tune.data.report import DataReport, SplitReport
+from keras_tune.errors import UserError
+
+RECIPES = {"imdb": imdb, "mtnt": mtnt, "code": code, "text": text, "chat": chat}
+
+
+def make_datasets(data_config, tokenizer, seed=0, log=print):
+    """Returns a `DataBundle` (train, validation, report, steps_per_epoch) for a recipe.
+
+    Everything about the input is checked here, before any training: a bad path,
+    field, file, split or length raises `keras_tune.errors.UserError`.
+
+    Args:
+        data_config: the `data` section of the run config (`ml_collections.ConfigDict`).
+        tokenizer: the preset's keras-hub `GemmaTokenizer` or `Gemma3Tokenizer`.
+        seed: fixes the validation hold-out, shuffling and bucket mixing: the same
+            seed gives the same batches.
+        log: callable for progress lines (None for quiet).
+    """
+    log = log or (lambda line: None)
+    recipe = RECIPES.get(data_config.name)
+    if recipe is None:
+        raise UserError(f"--data '{data_config.name}'; expected one of {', '.join(RECIPES)}")
+    source = recipe.source(data_config, tokenizer, seed=seed, log=log)
+    return make_bundle(source, tokenizer, data_config, seed=seed, log=log)
+
+
+__all__ = ["make_datasets", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]

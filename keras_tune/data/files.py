@@ -1,0 +1,149 @@
+"""A user's local files: finding them, reading them as UTF-8, records from JSONL/JSON/CSV.
+
+Every problem with the input is a `UserError` naming the file (and line), what
+was found and what was expected, raised while the data is read, before training.
+
+Example:
+
+```python
+paths = find_files("my_data/*.jsonl", (".jsonl",), "chat")
+for where, record in iter_records(paths[0]):
+    ...
+```
+"""
+
+import csv
+import glob
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from keras_tune.errors import UserError
+
+SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".venv", "node_modules"}
+
+
+def find_files(path, suffixes, recipe):
+    """Returns the sorted files that `path` names: a file, a directory (searched recursively) or a glob.
+
+    Args:
+        path: the `--data-path` value.
+        suffixes: accepted file suffixes, e.g. `(".txt", ".jsonl")`.
+        recipe: the recipe's name, for messages.
+    """
+    expected = ", ".join(suffixes)
+    if not path:
+        raise UserError(f"recipe '{recipe}' needs --data-path: expected a directory, glob or file ({expected})")
+    if os.path.isfile(path):
+        if not path.endswith(tuple(suffixes)):
+            raise UserError(f"--data-path '{path}' has suffix '{Path(path).suffix}'; recipe '{recipe}' expects {expected}")
+        return [Path(path)]
+    if os.path.isdir(path):
+        found = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+            found += [Path(root) / n for n in names if n.endswith(tuple(suffixes)) and not n.startswith(".")]
+    else:
+        found = [Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and p.endswith(tuple(suffixes))]
+    if not found:
+        what = "directory" if os.path.isdir(path) else "glob" if glob.has_magic(path) else "path"
+        raise UserError(f"--data-path {what} '{path}' matched no files; recipe '{recipe}' expects files ending in {expected}")
+    return sorted(found)
+
+
+def decode_utf8(data, where):
+    """Returns `data` (bytes) decoded as UTF-8, or raises a `UserError` naming the bad bytes."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = data[e.start : e.start + 4]
+        raise UserError(
+            f"{where}: bytes {bad!r} at offset {e.start} are not UTF-8; expected UTF-8 text"
+        ) from None
+
+
+def read_text(path):
+    """Returns the UTF-8 text of a file (a BOM is dropped)."""
+    text = decode_utf8(Path(path).read_bytes(), str(path))
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def iter_records(path):
+    """Yields `(where, record)` for each record of a `.jsonl`, `.json` (a list) or `.csv` file.
+
+    `where` is `"file:line"`. Blank JSONL lines are skipped.
+    """
+    path = Path(path)
+    text = read_text(path)
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            if None in row:
+                raise UserError(
+                    f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells, "
+                    f"expected {len(reader.fieldnames)} (the header's columns)"
+                )
+            yield f"{path}:{reader.line_num}", row
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg}); expected a JSON list of objects") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a JSON {type(data).__name__}; expected a list of objects (or use .jsonl)")
+        for i, record in enumerate(data):
+            yield _object(record, f"{path}[{i}]")
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not JSON ({e.msg}); expected one JSON object a line") from None
+            yield _object(record, f"{path}:{number}")
+
+
+def _object(record, where):
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a JSON {type(record).__name__}; expected an object with named fields")
+    return where, record
+
+
+def field(record, name, where, kind="string"):
+    """Returns `record[name]`, raising a `UserError` if it is missing or of the wrong type."""
+    if name not in record:
+        have = ", ".join(sorted(map(str, record))) or "none"
+        raise UserError(f"{where}: no field '{name}' (fields: {have}); expected a {kind} field '{name}'")
+    value = record[name]
+    if kind == "string" and not isinstance(value, str):
+        raise UserError(f"{where}: field '{name}' is a {type(value).__name__}; expected a string")
+    if kind == "list" and not isinstance(value, list):
+        raise UserError(f"{where}: field '{name}' is a {type(value).__name__}; expected a list")
+    return value
+
+
+def hold_out(count, data_config, seed):
+    """Returns (train indices, validation indices) for `count` examples, fixed by `seed`.
+
+    The validation share is `validation_fraction` of the examples (at least one
+    when the fraction is above zero and there are two or more), at most
+    `max_validation_examples` (0 = no cap). Train indices keep the input order.
+    """
+    fraction = float(data_config.validation_fraction)
+    cap = int(data_config.max_validation_examples)
+    wanted = 0 if fraction <= 0 or count < 2 else max(1, int(round(fraction * count)))
+    if cap > 0:
+        wanted = min(wanted, cap)
+    wanted = min(wanted, count - 1) if count > 1 else 0
+    order = np.random.default_rng(seed).permutation(count)
+    validation = np.sort(order[:wanted])
+    train = np.sort(order[wanted:])
+    return train, validation
+
+
+def empty_file_error(path, recipe):
+    return UserError(f"{path} is empty; recipe '{recipe}' expects text in it")

@@ -1,0 +1,387 @@
+"""The data pipeline on small local inputs: exact layouts, packing, chat, key tokens, errors.
+
+The TFDS recipes (imdb, mtnt) are tested in test_data_tfds.py on TFDS data
+directories the tests prepare on disk.
+"""
+
+import json
+
+import keras_hub
+import ml_collections
+import numpy as np
+import pytest
+
+from keras_tune.data import make_datasets, pipeline
+from keras_tune.data.chat import END, MODEL, USER
+from keras_tune.errors import UserError
+from keras_tune.models.tiny import tiny_tokenizer
+
+DEFAULTS = dict(
+    name="code",
+    path="",
+    data_dir="",
+    max_examples=0,
+    seq_len=128,
+    batch_size=2,
+    validation_fraction=0.05,
+    max_validation_examples=200,
+    text_field="text",
+    prompt_field="prompt",
+    response_field="response",
+    messages_field="messages",
+    mtnt_pair="en-fr",
+    prompt_template="Translate this into French:\n{source}\n",
+    batching="auto",
+    key_tokens=("plt", "pd", "sk", "fit", "predict"),
+    key_token_alpha=0.0,
+    shuffle_buffer=10000,
+)
+BOS, EOS, PAD = 2, 1, 0
+
+
+def data_config(**overrides):
+    return ml_collections.ConfigDict(dict(DEFAULTS, **overrides))
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to reach a host fails at once: these tests must work offline."""
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr("socket.getaddrinfo", refuse)
+    monkeypatch.setattr("socket.create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer("gemma3")
+
+
+def ids(tok, text):
+    return [int(i) for i in np.asarray(tok(text)).reshape(-1)]
+
+
+def batches(dataset):
+    return list(dataset.as_numpy_iterator())
+
+
+def rows(dataset):
+    """All rows of a dataset as (token_ids, padding_mask, y, weight) lists, batch by batch."""
+    out = []
+    for x, y, w in dataset.as_numpy_iterator():
+        for i in range(len(y)):
+            out.append((x["token_ids"][i], x["padding_mask"][i], y[i], w[i]))
+    return out
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def quiet(line):
+    pass
+
+
+def put(directory, name, content):
+    """Writes `content` (str or bytes) to `directory/name` and returns the path as a string."""
+    path = directory / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+PAIRS = [
+    {"prompt": "Say hi:\n", "response": "hi there"},
+    {"prompt": "Count to three:\n", "response": "one two three"},
+    {"prompt": "Q\n", "response": "A"},
+    {"prompt": "Name a colour:\n", "response": "blue"},
+]
+
+
+def test_prompt_response_exact_layout(tmp_path, tok):
+    """Pad batching: bos + prompt + response + eos, weight 1 exactly on response and eos."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = data_config(name="text", path=path, seq_len=24, batching="pad", validation_fraction=0.0, shuffle_buffer=0)
+    bundle = make_datasets(config, tok, seed=0, log=quiet)
+    got = rows(bundle.train)
+    assert len(got) == 4 and bundle.steps_per_epoch == 2 and bundle.validation is None
+    for (token_ids, mask, y, weight), pair in zip(got, PAIRS):
+        prompt, response = ids(tok, pair["prompt"]), ids(tok, pair["response"])
+        row = [BOS] + prompt + response + [EOS]
+        full = row + [PAD] * (25 - len(row))
+        assert token_ids.dtype == np.int32 and y.dtype == np.int32 and weight.dtype == np.float32
+        assert mask.dtype == bool
+        assert token_ids.tolist() == full[:-1]
+        assert y.tolist() == full[1:]
+        assert mask.tolist() == [True] * (len(row)) + [False] * (24 - len(row))
+        # y[i] is row[i + 1]: weight 0 over the prompt, 1 over response and <eos>, 0 over padding.
+        expected = [0.0] * len(prompt) + [1.0] * (len(response) + 1) + [0.0] * (24 - len(row) + 1)
+        assert weight.tolist() == expected
+
+
+def test_layout_matches_keras_hub_preprocessor(tmp_path, tok):
+    """Our pad-batching rows equal what keras-hub's Gemma3CausalLMPreprocessor makes for fit."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = data_config(name="text", path=path, seq_len=16, batching="pad", validation_fraction=0.0, shuffle_buffer=0)
+    got = rows(make_datasets(config, tok, seed=0, log=quiet).train)
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer=tok, image_converter=None, sequence_length=16)
+    x, y, w = preprocessor({"prompts": [p["prompt"] for p in PAIRS], "responses": [p["response"] for p in PAIRS]})
+    for i, (token_ids, mask, our_y, weight) in enumerate(got):
+        np.testing.assert_array_equal(token_ids, np.asarray(x["token_ids"])[i])
+        np.testing.assert_array_equal(mask, np.asarray(x["padding_mask"])[i])
+        np.testing.assert_array_equal(our_y, np.asarray(y)[i])
+        np.testing.assert_array_equal(weight, np.asarray(w)[i].astype(np.float32))
+
+
+def test_bucketing_static_shapes_and_every_example_once(tmp_path, tok):
+    records = [{"prompt": "p" * (i % 7 + 1) + ":\n", "response": "word " * (1 + (i * 5) % 23)} for i in range(60)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    config = data_config(name="text", path=path, seq_len=64, batch_size=4, validation_fraction=0.2)
+    bundle = make_datasets(config, tok, seed=3, log=quiet)
+    report = bundle.report
+    assert report.batching == "bucket" and 1 < len(report.bucket_lengths) <= pipeline.MAX_BUCKETS
+    seen = 0
+    for x, y, w in batches(bundle.train):
+        assert x["token_ids"].shape[0] == 4 and x["token_ids"].shape[1] in report.bucket_lengths
+        assert x["token_ids"].shape == x["padding_mask"].shape == y.shape == w.shape
+        seen += 1
+    assert seen == bundle.steps_per_epoch == report.train.batches
+    assert report.train.sequences == report.train.kept == 48
+    assert report.train.batches * 4 + report.train.left_out_per_epoch == 48
+    assert report.train.left_out_per_epoch < 4  # remainders move up a bucket
+    # Validation: every held-out example exactly once with weight; fillers carry none.
+    val = [r for r in rows(bundle.validation) if r[3].sum() > 0]
+    assert len(val) == 12 and bundle.validation_steps == report.validation.batches
+    assert len(rows(bundle.validation)) == 12 + report.validation.filler_rows
+    assert report.validation.filler_rows < 4
+    assert 0.0 <= report.pad_fraction < 0.5
+
+
+def test_packing_covers_every_token_once_in_order(tmp_path, tok):
+    documents = [f"Document {i}: " + "the cat sat on the mat. " * (i % 5 + 1) for i in range(12)]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    config = data_config(name="text", path=str(path), seq_len=16, validation_fraction=0.0, shuffle_buffer=0)
+    bundle = make_datasets(config, tok, seed=0, log=quiet)
+    assert bundle.report.batching == "pack"
+    stream = [t for d in documents for t in ids(tok, d) + [EOS]]
+    got = rows(bundle.train)
+    assert all(r[0][0] == BOS for r in got)  # every row starts with <bos>
+    targets = [t for _, _, y, w in got for t, wt in zip(y, w) if wt > 0]
+    left = bundle.report.train.left_out_per_epoch
+    assert len(got) == bundle.report.train.sequences - left
+    # Targets in row order are the <eos>-joined stream, each token once; only the
+    # last row (possibly sitting out with an odd row count) has padding.
+    if left:
+        assert targets == stream[: len(got) * 16]
+    else:
+        assert targets == stream
+    for token_ids, mask, y, w in got[:-1]:
+        assert mask.all() and (w == 1.0).all()
+        np.testing.assert_array_equal(token_ids[1:], y[:-1])
+
+
+def test_pack_unit_exact():
+    tok = pipeline.Tokenized(
+        np.array([10, 11, 12, 20, 21, 30], np.int32), np.ones(6, np.float32), np.array([3, 2, 1])
+    )
+    r = pipeline.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD)
+    # stream: 10 11 12 1 20 21 1 30 1 -> rows of 4 after <bos>
+    assert r.ids.tolist() == [[2, 10, 11, 12, 1], [2, 20, 21, 1, 30], [2, 1, 0, 0, 0]]
+    assert r.mask.tolist() == [[True] * 5, [True] * 5, [True, True, False, False, False]]
+    assert r.weights[:, 1:].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_packed_rows_shuffled_still_all_there(tmp_path, tok):
+    documents = [f"Doc {i} " + "abc def " * (i + 2) for i in range(10)]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(documents), encoding="utf-8")
+    config = data_config(name="text", path=str(path), seq_len=8, batch_size=1, validation_fraction=0.0)
+    bundle = make_datasets(config, tok, seed=5, log=quiet)
+    got = sorted(tuple(r[2][r[3] > 0]) for r in rows(bundle.train))
+    config.shuffle_buffer = 0
+    ordered = make_datasets(config, tok, seed=5, log=quiet)
+    want = sorted(tuple(r[2][r[3] > 0]) for r in rows(ordered.train))
+    assert got == want
+
+
+def test_chat_turns_and_loss_on_model_turns_only(tmp_path, tok):
+    conversation = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "model", "content": "Goodbye."},
+    ]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [conversation, {"prompt": "Yes?", "response": "No."}])
+    config = data_config(name="chat", path=path, seq_len=96, batching="pad", validation_fraction=0.0, shuffle_buffer=0)
+    bundle = make_datasets(config, tok, seed=0, log=quiet)
+    (token_ids, mask, y, w), (t2, _, y2, w2) = rows(bundle.train)
+    parts = [
+        (USER + "Be brief.\n\nHi" + END, 0), (MODEL, 0), ("Hello!" + END, 1),
+        (USER + "Bye" + END, 0), (MODEL, 0), ("Goodbye." + END, 1),
+    ]
+    row, weights = [BOS], [0.0]
+    for text, weight in parts:
+        piece = ids(tok, text)
+        row += piece
+        weights += [float(weight)] * len(piece)
+    row.append(EOS)
+    weights.append(1.0)
+    n = len(row) - 1
+    assert token_ids[:n].tolist() == row[:-1] and y[:n].tolist() == row[1:]
+    assert w[:n].tolist() == weights[1:] and not w[n:].any()
+    assert mask[: n + 1].all() and not mask[n + 1 :].any()  # x holds the <eos> too
+    assert tok.token_to_id("<start_of_turn>") in token_ids.tolist()
+    # The prompt/response record renders as one user turn and one model turn.
+    expected = [BOS] + ids(tok, USER + "Yes?" + END) + ids(tok, MODEL) + ids(tok, "No." + END) + [EOS]
+    assert t2[: len(expected) - 1].tolist() == expected[:-1]
+    assert y2[w2 > 0].tolist() == ids(tok, "No." + END) + [EOS]
+
+
+def test_key_token_weight(tmp_path, tok):
+    source = "import matplotlib.pyplot as plt\nplt.plot(x)\nmodel.fit(x)\n"
+    (tmp_path / "a.py").write_text(source, encoding="utf-8")
+    config = data_config(name="code", path=str(tmp_path / "a.py"), seq_len=64, batch_size=1,
+                         validation_fraction=0.0, key_token_alpha=0.5)
+    bundle = make_datasets(config, tok, seed=0, log=quiet)
+    ((_, _, y, w),) = rows(bundle.train)
+    sequences = pipeline.key_token_sequences(tok, DEFAULTS["key_tokens"])
+    count = 0
+    targets = y[w > 0].tolist()
+    for spellings in sequences.values():
+        for seq in spellings:
+            count += sum(targets[i : i + len(seq)] == list(seq) for i in range(len(targets)))
+    assert count >= 2  # two plt, one fit at least in one spelling
+    assert np.allclose(w[w > 0], 0.5 * (1 + count))
+    assert bundle.report.key_token_ids
+
+
+def test_code_directory_holds_out_whole_files(tmp_path, tok):
+    for i in range(10):
+        (tmp_path / f"m{i}.py").write_text(f"def f{i}():\n    return {i}\n" * 3, encoding="utf-8")
+    (tmp_path / "__init__.py").write_text("", encoding="utf-8")
+    config = data_config(name="code", path=str(tmp_path), seq_len=16, validation_fraction=0.2)
+    first = make_datasets(config, tok, seed=1, log=quiet)
+    assert first.report.train.dropped == {"empty file": 1}
+    assert first.report.train.kept == 8 and first.report.validation.kept == 2
+    again = make_datasets(config, tok, seed=1, log=quiet)
+    assert [r[2].tolist() for r in rows(first.validation)] == [r[2].tolist() for r in rows(again.validation)]
+
+
+def test_code_jsonl_content_field(tmp_path, tok):
+    path = write_jsonl(tmp_path / "code.jsonl", [{"content": "import pandas as pd\n"}, {"content": "x = 1\n"}])
+    config = data_config(name="code", path=path, seq_len=8, batch_size=1, validation_fraction=0.0, shuffle_buffer=0)
+    bundle = make_datasets(config, tok, seed=0, log=quiet)
+    targets = [t for r in rows(bundle.train) for t in r[2][r[3] > 0]]
+    assert targets == ids(tok, "import pandas as pd\n") + [EOS] + ids(tok, "x = 1\n") + [EOS]
+
+
+def test_code_default_corpus_is_installed_sources(tok):
+    lines = []
+    config = data_config(name="code", max_examples=6, seq_len=32, validation_fraction=0.2)
+    bundle = make_datasets(config, tok, seed=0, log=lines.append)
+    assert bundle.report.train.kept + bundle.report.validation.kept == 6
+    assert any("installed" in n for n in bundle.report.notes)
+    assert bundle.steps_per_epoch > 0 and bundle.report.pad_fraction < 0.01
+
+
+def test_csv_and_json_records(tmp_path, tok):
+    (tmp_path / "a.csv").write_text('text,label\n"first, with comma",1\nsecond,0\n', encoding="utf-8")
+    config = data_config(name="text", path=str(tmp_path / "a.csv"), seq_len=8, batch_size=1,
+                         validation_fraction=0.0, shuffle_buffer=0)
+    targets = [t for r in rows(make_datasets(config, tok, seed=0, log=quiet).train) for t in r[2][r[3] > 0]]
+    assert targets == ids(tok, "first, with comma") + [EOS] + ids(tok, "second") + [EOS]
+    (tmp_path / "b.json").write_text(json.dumps(PAIRS), encoding="utf-8")
+    config = data_config(name="text", path=str(tmp_path / "b.json"), seq_len=24, validation_fraction=0.0)
+    bundle = make_datasets(config, tok, seed=0, log=quiet)
+    assert bundle.report.batching == "bucket" and bundle.report.train.kept == 4
+
+
+def test_prompt_too_long_is_dropped_and_counted(tmp_path, tok):
+    records = PAIRS + [{"prompt": "a very long prompt " * 10, "response": "ok"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    config = data_config(name="text", path=path, seq_len=16, validation_fraction=0.0)
+    report = make_datasets(config, tok, seed=0, log=quiet).report
+    assert report.train.read == 5 and report.train.kept == 4
+    assert report.train.dropped == {"prompt fills seq_len: no target token fits": 1}
+    assert "dropped 1 (1 prompt fills seq_len" in report.summary()
+
+
+def test_same_seed_same_batches(tmp_path, tok):
+    records = [{"prompt": f"Q{i}:\n", "response": "answer " * (i % 9 + 1)} for i in range(40)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    config = data_config(name="text", path=path, seq_len=32, batch_size=2)
+
+    def two_epochs(seed):
+        bundle = make_datasets(config, tok, seed=seed, log=quiet)
+        return [(x["token_ids"].tolist(), w.tolist()) for x, _, w in batches(bundle.train.repeat(2))]
+
+    first, second = two_epochs(7), two_epochs(7)
+    assert first == second
+    half = len(first) // 2
+    assert first[:half] != first[half:]  # each epoch reshuffles
+    assert two_epochs(8) != first
+
+
+@pytest.mark.parametrize(
+    "name, setup, overrides, message",
+    [
+        ("missing field", lambda d: write_jsonl(d / "a.jsonl", [{"prompt": "x"}]), {},
+         "no field 'text' and no 'prompt'/'response' pair"),
+        ("missing field later", lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}, {"body": "y"}]), {},
+         "a.jsonl:2: no field 'text'"),
+        ("empty file", lambda d: put(d, "a.txt", ""), {},
+         "a.txt is empty"),
+        ("undecodable", lambda d: put(d, "a.txt", b"ok \xff\xfe bad"), {},
+         "are not UTF-8"),
+        ("bad json", lambda d: put(d, "a.jsonl", '{"text": "x"}\n{oops\n'), {},
+         "a.jsonl:2: not JSON"),
+        ("no files", lambda d: str(d / "*.jsonl"), {}, "matched no files"),
+        ("suffix", lambda d: put(d, "a.parquet", "x"), {}, "has suffix '.parquet'"),
+        ("no path", lambda d: "", {}, "needs --data-path"),
+        ("chat role", lambda d: write_jsonl(d / "c.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}]),
+         {"name": "chat"}, "role 'bot'"),
+        ("chat seq_len", lambda d: write_jsonl(d / "c.jsonl", [{"prompt": "a", "response": "b"}]),
+         {"name": "chat", "seq_len": 8}, "too small for the chat format"),
+        ("chat txt", lambda d: put(d, "c.txt", "hi"), {"name": "chat"},
+         "has suffix '.txt'"),
+        ("mtnt seq_len", lambda d: "", {"name": "mtnt", "prompt_template": "Please translate " * 8 + "{source}"},
+         "too small for the prompt template"),
+        ("mtnt template", lambda d: "", {"name": "mtnt", "prompt_template": "Translate:"}, "'{source}'"),
+        ("mtnt pair", lambda d: "", {"name": "mtnt", "mtnt_pair": "en-de"}, "data.mtnt_pair 'en-de'"),
+        ("imdb path", lambda d: str(d), {"name": "imdb"}, "reads TFDS"),
+        ("too few", lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}]), {"batch_size": 4},
+         "fewer than batch_size 4"),
+        ("recipe", lambda d: "", {"name": "wiki"}, "--data 'wiki'"),
+        ("batching", lambda d: write_jsonl(d / "a.jsonl", [{"text": "x"}] * 4), {"batching": "greedy"},
+         "data.batching 'greedy'"),
+    ],
+)
+def test_bad_input_raises_user_error(tmp_path, tok, name, setup, overrides, message):
+    path = setup(tmp_path)
+    config = data_config(**dict({"name": "text", "path": path, "seq_len": 32}, **overrides))
+    with pytest.raises(UserError) as caught:
+        make_datasets(config, tok, seed=0, log=quiet)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+
+
+def test_choose_buckets_each_bucket_fills_a_batch():
+    rng = np.random.default_rng(0)
+    needs = np.clip(rng.lognormal(3.2, 0.6, size=500).astype(int), 1, 256)
+    lengths = pipeline.choose_buckets(needs, needs, seq_len=256, batch_size=8)
+    assert lengths == sorted(lengths) and len(lengths) <= pipeline.MAX_BUCKETS
+    assert lengths[-1] >= needs.max() and lengths[-1] <= 256
+    low = 0
+    for length in lengths:
+        assert ((needs > low) & (needs <= length)).sum() >= 8
+        low = length
+    padded = sum(min(n for n in lengths if n >= need) for need in needs)
+    assert padded < 0.7 * 256 * len(needs)
+    # Too few examples for two buckets: one bucket covering everything.
+    assert pipeline.choose_buckets(np.array([3, 40]), np.array([3, 40]), 64, 2) == [40]
