@@ -1,0 +1,284 @@
+"""Shared pieces of the benchmarks: child processes, the MTNT-like data, step timing, tables.
+
+Every measurement runs in a child process of the script that asks for it, so JAX
+starts with the device count that measurement needs (set through `XLA_FLAGS`
+before JAX is imported) and the peak RSS of a process belongs to one side only.
+A child gets its job as JSON on the command line and writes its figures as JSON
+to a file; the parent only starts children and formats tables, and never
+imports JAX itself.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------
+# Child processes.
+
+
+def child_env(devices):
+    """Environment for a child that must see `devices` simulated CPU devices."""
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["KERAS_BACKEND"] = "jax"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def spawn(script, job, devices, timeout, log_dir=None):
+    """Runs `python script --child JOB_JSON` on `devices` simulated devices; returns its result dict.
+
+    A child that fails or runs out of time gives `{"error": ...}` with the tail of
+    its output, so one broken side still leaves a table with the others.
+
+    Args:
+        script: path of a benchmark script whose `--child` mode takes the job.
+        job: JSON-ready dict describing what the child measures.
+        devices: simulated CPU device count for the child's JAX.
+        timeout: seconds before the child is killed.
+        log_dir: where the child's output is kept (a temp dir if None).
+    """
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kt_bench_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    name = job.get("name", "job")
+    result_path = log_dir / f"{name}.result.json"
+    log_path = log_dir / f"{name}.log"
+    job = dict(job, result_path=str(result_path))
+    started = time.time()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(script), "--child", json.dumps(job)],
+                env=child_env(devices),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                cwd=str(REPO),
+            )
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    wall = time.time() - started
+    if code == 0 and result_path.is_file():
+        result = json.loads(result_path.read_text())
+        result["process_wall_s"] = round(wall, 1)
+        return result
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-6:] if log_path.is_file() else []
+    return {"name": name, "error": f"exit {code}: " + " | ".join(tail)[-600:], "process_wall_s": round(wall, 1)}
+
+
+def child_main(handlers):
+    """Entry of a child: `--child JOB_JSON`; runs `handlers[job["kind"]](job)` and writes its dict."""
+    job = json.loads(sys.argv[sys.argv.index("--child") + 1])
+    result = handlers[job["kind"]](job)
+    result.setdefault("name", job.get("name"))
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(job["result_path"]).write_text(json.dumps(result, indent=1, default=float))
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---------------------------------------------------------------------------
+# MTNT-like data: short translation pairs with MTNT's skewed lengths.
+
+_EN = (
+    "the a this that my your we they it is was are be have not very really just so but and or if when "
+    "what why how where who movie game post thread comment reddit people time day week year thing way "
+    "good bad great best worst new old first last long little big small right wrong sure maybe never "
+    "always still again today tonight tomorrow guy friend team player city country work school home "
+    "think know want need like love hate see look make take get give say tell play watch read write "
+    "lol honestly actually literally probably though because about with without from into over"
+).split()
+_FR = (
+    "le la les un une ce cette mon ton nous ils elle est était sont être avoir pas très vraiment juste "
+    "mais et ou si quand quoi pourquoi comment où qui film jeu message fil commentaire gens temps jour "
+    "semaine année chose façon bon mauvais meilleur pire nouveau vieux premier dernier long petit grand "
+    "toujours encore aujourd'hui ce soir demain gars ami équipe joueur ville pays travail école maison "
+    "penser savoir vouloir besoin aimer détester voir regarder faire prendre donner dire jouer lire écrire "
+    "mdr honnêtement en fait littéralement probablement parce que avec sans depuis dans sur"
+).split()
+PROMPT_TEMPLATE = "Translate this into French:\n{source}\n"
+
+
+def _sentence(rng, words, count):
+    text = " ".join(rng.choice(words, size=count))
+    text = text[0].upper() + text[1:]
+    return text + rng.choice([".", "?", "!", "...", " :)", ""], p=[0.55, 0.15, 0.1, 0.08, 0.04, 0.08])
+
+
+def mtnt_like_pairs(count, seed=0):
+    """Deterministic (source, target) pairs with an MTNT-like, long-tailed length distribution.
+
+    MTNT (Reddit comments and their translations) is mostly one short sentence
+    with a long tail of multi-sentence comments: source word counts here are
+    log-normal (median 11 words, clipped to 2..90) and the target is ~1.15x as
+    long, with the same seed giving the same pairs.
+
+    Args:
+        count: number of pairs.
+        seed: RNG seed.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.rint(rng.lognormal(np.log(11), 0.75, size=count)), 2, 90).astype(int)
+    pairs = []
+    for n in lengths:
+        target_n = max(2, int(round(n * rng.uniform(1.0, 1.3))))
+        pairs.append((_sentence(rng, _EN, n), _sentence(rng, _FR, target_n)))
+    return pairs
+
+
+def write_mtnt_like(directory, count, seed=0):
+    """Writes `count` MTNT-like pairs as prompt/response JSONL; returns (path, plain strings).
+
+    The JSONL feeds keras_tune's `text` recipe (prompt carries no loss); the
+    plain strings (prompt + target in one string, as the seed notebooks feed
+    `fit`) feed the keras-hub recipe. Both hold the same text.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"mtnt_like_{count}_{seed}.jsonl"
+    strings = []
+    with open(path, "w") as file:
+        for source, target in mtnt_like_pairs(count, seed):
+            prompt = PROMPT_TEMPLATE.format(source=source)
+            file.write(json.dumps({"prompt": prompt, "response": target}) + "\n")
+            strings.append(prompt + target)
+    return str(path), strings
+
+
+def read_plain_strings(path):
+    """The plain-recipe strings (prompt + response) of a file written by `write_mtnt_like`."""
+    with open(path) as file:
+        return [(r["prompt"] + r["response"]) for r in map(json.loads, file)]
+
+
+# ---------------------------------------------------------------------------
+# Step timing (imported in children only: needs keras and jax).
+
+COMPILE_STEP_SECONDS = 0.2  # a backend compile longer than this marks a step as a compile step
+
+
+def make_step_timer(nonpad_counts=None):
+    """Returns a keras callback that times every training step, and marks compile steps.
+
+    The callback reads the step's logs, which waits for the step to finish, so
+    each interval is one whole step: input fetch, dispatch and device compute.
+    A JAX monitoring listener notes every backend compile; a step during which
+    an XLA program of more than `COMPILE_STEP_SECONDS` was compiled is a
+    compile step (the first step, and the first step of each new bucket
+    length) and is kept out of the steady-state figures.
+
+    Args:
+        nonpad_counts: optional list the input pipeline appends per-batch
+            `(non-pad positions, loss positions, padded positions)` to, in order.
+    """
+    import jax
+    import keras
+
+    compiles = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append((time.perf_counter(), duration))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends, self.begin = [], None
+            self.compiles = compiles
+
+        def on_train_begin(self, logs=None):
+            self.begin = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            # `logs` arrive as Python numbers: the step is done.
+            self.ends.append(time.perf_counter())
+
+        def summary(self, tokens_per_step, nonpad_per_step=None, loss_per_step=None):
+            """Figures over the steady steps (compile steps left out)."""
+            starts = [self.begin] + self.ends[:-1]
+            steps = []
+            for i, (start, end) in enumerate(zip(starts, self.ends)):
+                compiled = sum(d for t, d in compiles if start <= t <= end and d > COMPILE_STEP_SECONDS)
+                steps.append({"i": i, "s": end - start, "compile": compiled > 0})
+            steady = [s for s in steps if not s["compile"]]
+            compile_steps = [s for s in steps if s["compile"]]
+            steady_s = sum(s["s"] for s in steady)
+            out = {
+                "steps": len(steps),
+                "steady_steps": len(steady),
+                "compile_steps": len(compile_steps),
+                "first_step_s": round(steps[0]["s"], 3) if steps else None,
+                "compile_steps_s": round(sum(s["s"] for s in compile_steps), 3),
+                "steady_s": round(steady_s, 3),
+                "steps_per_s": round(len(steady) / steady_s, 3) if steady_s else None,
+                "step_ms_median": round(1000 * float(np.median([s["s"] for s in steady])), 2) if steady else None,
+            }
+
+            def rate(per_step):
+                if not steady_s:
+                    return None
+                if callable(per_step):
+                    return round(sum(per_step(s["i"]) for s in steady) / steady_s, 1)
+                return round(per_step * len(steady) / steady_s, 1)
+
+            # End to end: every step, compiles included (what a short run sees).
+            total_s = self.ends[-1] - self.begin if self.ends else 0.0
+            out["total_s"] = round(total_s, 3)
+            if nonpad_per_step is not None and total_s:
+                per = nonpad_per_step
+                done = sum(per(s["i"]) for s in steps) if callable(per) else per * len(steps)
+                out["nonpad_tokens_per_s_with_compile"] = round(done / total_s, 1)
+            out["tokens_per_s"] = rate(tokens_per_step)
+            if nonpad_per_step is not None:
+                out["nonpad_tokens_per_s"] = rate(nonpad_per_step)
+            if loss_per_step is not None:
+                out["loss_tokens_per_s"] = rate(loss_per_step)
+            return out
+
+    return StepTimer()
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+
+
+def fmt(value, digits=2):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(rows, columns):
+    """A Markdown table: `columns` is a list of (header, key or callable)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for _, key in columns:
+            value = key(row) if callable(key) else row.get(key)
+            cells.append(fmt(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
