@@ -385,3 +385,39 @@ def test_choose_buckets_each_bucket_fills_a_batch():
     assert padded < 0.7 * 256 * len(needs)
     # Too few examples for two buckets: one bucket covering everything.
     assert pipeline.choose_buckets(np.array([3, 40]), np.array([3, 40]), 64, 2) == [40]
+
+
+def test_assign_buckets_moves_remainders_up():
+    need = np.array([5, 6, 7, 20, 21, 22, 23, 24, 40])
+    index = pipeline.assign_buckets(need, [8, 24, 48], batch_size=2)
+    # bucket 8 has 3 -> its longest (7) moves up; bucket 24 then has 6 -> whole;
+    # bucket 48 keeps 40 alone (sits out: fewer than a batch).
+    assert index.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2]
+    assert all(length >= n for n, length in zip(need, np.array([8, 24, 48])[index]))
+
+
+def test_dropped_examples_are_counted_with_reasons(tmp_path, tok):
+    records = [
+        {"messages": [{"role": "user", "content": "hi"}]},  # nothing to learn
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "model", "content": "hello"}]},
+        {"prompt": "q", "response": "a"},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    config = data_config(name="chat", path=path, seq_len=32, batch_size=1, validation_fraction=0.0)
+    report = make_datasets(config, tok, seed=0, log=quiet).report
+    assert report.train.read == 3 and report.train.kept == 2
+    assert report.train.dropped == {"no model turn": 1}
+    empty = write_jsonl(tmp_path / "text.jsonl", [{"text": ""}, {"text": "a b c"}, {"text": " "}])
+    config = data_config(name="text", path=empty, seq_len=8, batch_size=1, validation_fraction=0.0)
+    report = make_datasets(config, tok, seed=0, log=quiet).report
+    assert report.train.read == 3 and report.train.dropped == {"empty text": 2}
+
+
+def test_benchmark_quick_smoke():
+    from benchmarks.data_pipeline import run
+
+    figures = run(quick=True, tokenizer="tiny", examples=300, batch_size=4)
+    assert figures["seq_len"] == 256
+    assert figures["passes"] and figures["useful_ratio"] >= 1.5
+    assert set(figures["batching"]) == {"seeds_pad", "keras_tune_auto", "keras_tune_pack"}
+    assert figures["tokenize"]["seeds_numpy_function"]["tokens"] == figures["tokenize"]["keras_tune_graph_op"]["tokens"]

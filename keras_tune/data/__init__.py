@@ -9,14 +9,16 @@ pack, bucket or pad into static-shape batches.
 Example:
 
 ```python
-import ml_collections
+import keras_tune
 from keras_tune.data import make_datasets
 from keras_tune.models.tiny import tiny_tokenizer
 
 config = keras_tune.load_config("gemma3_tiny", overrides={"data.name": "text", "data.path": "notes.txt"})
 bundle = make_datasets(config.data, tiny_tokenizer("gemma3"), seed=0)
 print(bundle.report.summary())
-model.fit(bundle.train.repeat(), steps_per_epoch=bundle.steps_per_epoch, validation_data=bundle.validation)
+x, y, sample_weight = next(iter(bundle.train))  # token_ids/padding_mask [B, L], y, weight [B, L]
+# causal_lm.fit(bundle.train.repeat(), steps_per_epoch=bundle.steps_per_epoch,
+#               validation_data=bundle.validation)   # with causal_lm.preprocessor = None
 ```
 """
 
