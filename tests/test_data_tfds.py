@@ -95,22 +95,36 @@ def prepare(name, url, archive, data_dir, download_dir):
     )
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tfds")
+def build_tfds_data_dir(root, reviews=None, pairs=None):
+    """Prepares `imdb_reviews` and `mtnt/en-fr` under `root/data` offline; returns that data_dir.
+
+    Other tests (e.g. `keras_tune.fit --data imdb --data-dir ...` end to end) can
+    import this: `from test_data_tfds import build_tfds_data_dir`.
+
+    Args:
+        root: a fresh directory (pathlib.Path).
+        reviews: {"train": [...], "test": [...]} review texts (default `REVIEWS`).
+        pairs: {"train"|"valid"|"test": [(src, dst), ...]} (default `PAIRS`).
+    """
+    reviews, pairs = reviews or REVIEWS, pairs or PAIRS
     data_dir, downloads = root / "data", root / "downloads"
     imdb = {}
-    for split, texts in REVIEWS.items():
+    for split, texts in reviews.items():
         for i, text in enumerate(texts):
             imdb[f"aclImdb/{split}/{'pos' if i % 2 else 'neg'}/{i}_{i % 10}.txt"] = text
     imdb["aclImdb/train/unsup/0_0.txt"] = "an unlabelled review"
     prepare("imdb_reviews", IMDB_URL, tar_gz(imdb), data_dir, downloads)
     mtnt = {
-        f"MTNT/{split}/{split}.en-fr.tsv": "".join(f"{split}{i}\t{s}\t{d}\n" for i, (s, d) in enumerate(pairs))
-        for split, pairs in PAIRS.items()
+        f"MTNT/{split}/{split}.en-fr.tsv": "".join(f"{split}{i}\t{s}\t{d}\n" for i, (s, d) in enumerate(rows))
+        for split, rows in pairs.items()
     }
     prepare("mtnt/en-fr", MTNT_URL, tar_gz(mtnt), data_dir, downloads)
     return str(data_dir)
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    return build_tfds_data_dir(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
