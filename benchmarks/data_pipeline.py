@@ -172,7 +172,7 @@ def run(quick=False, tokenizer="auto", seq_len=0, batch_size=8, examples=0):
         "examples": count,
         "seq_len": seq_len,
         "batch_size": batch_size,
-        "tokenize": measure_tokenizers(texts, tok, repeats=1 if quick else 3),
+        "tokenize": measure_tokenizers(texts, tok, repeats=1 if quick else 2),
         "batching": {},
     }
     for name, batching in (("seeds_pad", "pad"), ("keras_tune_auto", "auto"), ("keras_tune_pack", "pack")):
