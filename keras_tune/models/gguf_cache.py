@@ -2,9 +2,10 @@
 
 One cache file per GGUF: `cache_dir()/gguf/<sha256[:32]>-v<FORMAT>.bin`. It is a
 small JSON header followed by raw float32 arrays (keras layout), so a cached load
-memory-maps the file and hands each array to `variable.assign` without parsing or
-copying twice (about 0.5 s for the 1.07 GB of Gemma 3 270M, against 2 s for an
-`.npz` that is read and CRC-checked entry by entry).
+memory-maps the file and copies each array once before `variable.assign` (about
+0.5 s for the 1.07 GB of Gemma 3 270M, against 2 s for an `.npz` that is read and
+CRC-checked entry by entry). Only quantized GGUFs are cached (see
+`gguf._assign_weights`).
 
 Layout: `KTGGUFW1` magic (8 bytes), header length (uint64 little-endian), the
 header (JSON: sha256, format, entries {name: [offset, shape]}, total size), zero
