@@ -184,6 +184,8 @@ def build_parser():
     parser.add_argument("--seq-len", type=int, help="window length in tokens, BOS included (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per compiled call (default 1)")
     parser.add_argument("--mesh", help="device mesh BxM, e.g. 1x8 (default: the preset's)")
+    parser.add_argument("--precision", help="float32, mixed_bfloat16 or bfloat16 (default: the preset's)")
+    parser.add_argument("--simulate-devices", type=int, help="CPU only: expose N host devices to try any mesh")
     return parser
 
 
@@ -218,6 +220,8 @@ def evaluate_files(args):
         overrides["data.seq_len"] = args.seq_len
     if args.mesh:
         overrides["distribution.mesh"] = args.mesh
+    if args.precision:
+        overrides["train.precision"] = args.precision
     if args.weights:
         overrides.update({"model.source": "gguf", "model.family": "gemma3", "model.weights": args.weights})
     config = load_config(args.preset, overrides=overrides)
@@ -237,6 +241,10 @@ def main(argv=None):
     """CLI entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.simulate_devices:  # before anything starts JAX
+            from keras_tune.distribution import simulate_devices
+
+            simulate_devices(args.simulate_devices)
         names, result = evaluate_files(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -127,6 +127,11 @@ def _get(metadata, key, path, default=None, required=True):
     return default
 
 
+def _float32(value):
+    """A GGUF float32 as the Python float it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(value)))
+
+
 def _check_architecture(gguf_file):
     arch = gguf_file.architecture
     if arch != ARCHITECTURE:
@@ -156,7 +161,7 @@ def _backbone_kwargs(gguf_file):
         )
     scaling = _get(metadata, "rope.scaling.type", path, required=False) or "none"
     if scaling == "linear":
-        global_rope_scaling = float(_get(metadata, "rope.scaling.factor", path))
+        global_rope_scaling = _float32(_get(metadata, "rope.scaling.factor", path))
     elif scaling == "none":
         global_rope_scaling = 1.0
     else:
@@ -184,7 +189,7 @@ def _backbone_kwargs(gguf_file):
         sliding_window_size=sliding_window if sliding_window > 0 else 4096,
         local_rope_scaling_factor=1.0,
         global_rope_scaling_factor=global_rope_scaling,
-        layer_norm_epsilon=float(_get(metadata, "attention.layer_norm_rms_epsilon", path, default=1e-6)),
+        layer_norm_epsilon=_float32(_get(metadata, "attention.layer_norm_rms_epsilon", path, default=1e-6)),
     )
 
 
