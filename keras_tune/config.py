@@ -300,6 +300,12 @@ def validate(config):
     for field in ("eval_every", "eval_steps", "save_every", "sample_every"):
         _check(train[field] >= 0, f"train.{field} {train[field]}: expected >= 0 (0 disables)")
     _check(train.keep_checkpoints >= 1, f"--keep-checkpoints {train.keep_checkpoints}: expected at least 1")
+    _check(train.sample_max_length >= 2, f"--sample-max-length {train.sample_max_length}: expected at least 2 tokens")
+    _check(
+        all(isinstance(p, str) and p.strip() for p in train.sample_prompts),
+        "--sample-prompt: expected non-empty prompt text",
+    )
+    _check(train.peak_tflops >= 0, f"--peak-tflops {train.peak_tflops}: expected >= 0 (0 = from the device table)")
     # A GGUF carries its architecture in its metadata; every other source needs it here.
     _check(
         len(model.arch) > 0 or model.source == "gguf",
