@@ -65,6 +65,8 @@ def _unmatched_layout(tmp_path):
         (["--keep-checkpoints", "0"], "--keep-checkpoints 0: expected at least 1"),
         (["--resume", "--output-dir", "EMPTY"], "holds no checkpoint"),
         (["--set", "train.stepz=3"], "unknown config field 'train.stepz'"),
+        (["--peak-tflops", "-1"], "--peak-tflops -1.0: expected >= 0"),
+        (["--sample-max-length", "1"], "--sample-max-length 1: expected at least 2"),
     ],
 )
 def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_path, capsys, no_model):
