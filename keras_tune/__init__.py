@@ -45,6 +45,9 @@ _EXPORTS = {
     "build_optimizer": "keras_tune.optim",
     "make_datasets": "keras_tune.data",
     "evaluate_texts": "keras_tune.evaluate",
+    "load_gguf_causal_lm": "keras_tune.models.gguf",
+    "export_gguf": "keras_tune.models.gguf",
+    "registry_gguf_path": "keras_tune.models.gguf",
     "run": "keras_tune.fit",
 }
 
