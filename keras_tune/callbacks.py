@@ -215,8 +215,10 @@ class Throughput(keras.callbacks.Callback):
     """Step time, tokens/s (all and non-pad) and MFU, added to the keras logs.
 
     Reads the cumulative `tokens` / `non_pad_tokens` metrics (`TokenCount`) and
-    replaces them by rates. The first step of a `fit` call (compilation) is left
-    out of the epoch averages.
+    replaces them by rates. A step's time runs from the end of the previous
+    step's callbacks (put `clock()` last in the list) to the moment its results
+    are on the host, so it includes fetching the batch. The first step of a
+    `fit` call (compilation) is left out of the epoch averages.
 
     Args:
         flops_per_token: training FLOPs per token (`model_flops_per_token`); 0 = no MFU.
@@ -239,6 +241,21 @@ class Throughput(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self._last is None:
             self._last = time.perf_counter()
+
+    def restart_clock(self):
+        """Starts the next step's clock now (after this step's callbacks, e.g. samples, are done)."""
+        self._last = time.perf_counter()
+
+    def clock(self):
+        """A callback to put last in the list: it restarts the clock, so time other callbacks
+        spend between steps (generating samples, say) is not counted as step time."""
+        throughput = self
+
+        class _Clock(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                throughput.restart_clock()
+
+        return _Clock()
 
     def _rates(self, seconds, tokens, non_pad):
         rates = {

@@ -255,6 +255,7 @@ class CheckpointStore:
 
     def quarantine(self, step, reason):
         """Moves a bad checkpoint out of the way (to `checkpoints-corrupt/`), with a warning."""
+        _quiet_closed_loop_callbacks()
         corrupt = os.path.join(self.output_dir, "checkpoints-corrupt")
         os.makedirs(corrupt, exist_ok=True)
         target = os.path.join(corrupt, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -314,6 +315,24 @@ class CheckpointStore:
                 variable.assign(values[name])
             return meta
         return None
+
+
+def _quiet_closed_loop_callbacks():
+    """After a failed read, TensorStore can still post a callback to the event loop Orbax
+    already closed; Python would print that as an "Exception ignored" traceback on
+    stderr after our one-line warning. Only that exact case is silenced."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_keras_tune", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._keras_tune = True
+    sys.unraisablehook = hook
 
 
 def _first_line(error, limit=160):

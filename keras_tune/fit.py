@@ -34,6 +34,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -382,8 +383,11 @@ def _train(config, plan, store, identity, output_dir, callbacks):
     metrics_path = os.path.join(output_dir, "metrics.csv")
     samples_path = os.path.join(output_dir, "samples.txt")
     # What a killed run logged after its last checkpoint is logged again below.
-    cb.truncate_rows(metrics_path, initial_step if initial_step else -1)
-    cb.truncate_samples(samples_path, initial_step if initial_step else -1)
+    if cb.is_primary():
+        cb.truncate_rows(metrics_path, initial_step if initial_step else -1)
+        cb.truncate_samples(samples_path, initial_step if initial_step else -1)
+        if not initial_step:  # a fresh start: no events from an attempt that saved no checkpoint
+            shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
 
     validation_steps = train.eval_steps or None
     before = None
@@ -411,9 +415,10 @@ def _train(config, plan, store, identity, output_dir, callbacks):
         schedule = learning_rate_schedule(config.optimizer, total_steps)
         accumulation = max(1, config.optimizer.accumulation_steps)
         rate_at = cb.learning_rate_at(schedule)
+        throughput = cb.Throughput(flops, peak)
         run_callbacks = [
             cb.StepTracker(progress),
-            cb.Throughput(flops, peak),
+            throughput,
             cb.MetricsLog(progress, output_dir, learning_rate=lambda step: rate_at(step // accumulation)),
         ]
         if train.sample_prompts:
@@ -441,7 +446,7 @@ def _train(config, plan, store, identity, output_dir, callbacks):
                 },
             )
         )
-        run_callbacks += list(callbacks)
+        run_callbacks += [*callbacks, throughput.clock()]
         dataset = data.train.repeat()
         if initial_step:
             dataset = dataset.skip(initial_step)

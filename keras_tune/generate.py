@@ -11,7 +11,10 @@ and writes a keras-hub preset directory (`save_to_preset`: load it anywhere with
 `keras_hub.models.CausalLM.from_preset(OUT_DIR)`, or here with
 `--set model.source=local --set model.handle=OUT_DIR`) plus, where keras-hub can
 convert the model, a Hugging Face Transformers directory `OUT_DIR/transformers`
-(`export_to_transformers`, which needs the `safetensors` package).
+(`export_to_transformers`, which needs the `safetensors` package). keras-hub
+converts Gemma 1 and Gemma 3; it would write a Gemma 2 model as a Gemma 1 one
+(dropping its extra norms, soft-capping and sliding window), so for Gemma 2 only
+the keras-hub preset is written and the reason is printed.
 
 Examples:
 
@@ -138,6 +141,30 @@ def load_model(config, adapter=None):
     return causal_lm, metadata
 
 
+# Gemma 2 features keras-hub's Transformers exporter (0.32) does not carry: it writes
+# every GemmaBackbone as HF model_type "gemma" (Gemma 1), which has none of them.
+_GEMMA2_FEATURES = (
+    "use_post_ffw_norm",
+    "use_post_attention_norm",
+    "final_logit_soft_cap",
+    "attention_logit_soft_cap",
+    "use_sliding_window_attention",
+)
+
+
+def transformers_export_problem(backbone):
+    """Why `export_to_transformers` would write a wrong model for this backbone, or None."""
+    if type(backbone).__name__ != "GemmaBackbone":
+        return None
+    used = [name for name in _GEMMA2_FEATURES if getattr(backbone, name, None)]
+    if used:
+        return (
+            "keras-hub exports a GemmaBackbone as Hugging Face model_type 'gemma' (Gemma 1), which would drop "
+            f"this Gemma 2 model's {', '.join(used)}; use the keras-hub preset instead"
+        )
+    return None
+
+
 def merge_and_export(causal_lm, out_dir, transformers=True, log=print):
     """Folds LoRA into the base weights and writes a keras-hub preset (and a Transformers copy).
 
@@ -159,7 +186,11 @@ def merge_and_export(causal_lm, out_dir, transformers=True, log=print):
     causal_lm.save_to_preset(out_dir)
     log(f"merged keras-hub preset: {out_dir}")
     result = {"preset": out_dir, "transformers": "not requested"}
-    if transformers:
+    unsupported = transformers_export_problem(causal_lm.backbone)
+    if transformers and unsupported:
+        result["transformers"] = f"skipped: {unsupported}"
+        log(f"Hugging Face Transformers export {result['transformers']}")
+    elif transformers:
         target = os.path.join(out_dir, "transformers")
         try:
             causal_lm.export_to_transformers(target)

@@ -92,7 +92,7 @@ def test_step_losses_throughput_and_metrics_csv(tmp_path):
         cb.Throughput(flops_per_token=100.0, peak_flops=1e6),
         cb.MetricsLog(progress, str(tmp_path), learning_rate=cb.learning_rate_at(0.5)),
     ]
-    model.fit(_dataset(x, y, w).repeat(), steps_per_epoch=2, epochs=3, callbacks=callbacks, verbose=0)
+    model.fit(_dataset(x, y, w).repeat(), steps_per_epoch=2, epochs=3, callbacks=callbacks, verbose=0, shuffle=False)
     assert progress.step == 5  # stopped at total_steps inside the third epoch
     rows = cb.read_rows(str(tmp_path / "metrics.csv"))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
@@ -124,7 +124,7 @@ def test_nan_loss_stops_and_writes_no_checkpoint(tmp_path):
     progress, store = cb.Progress(total_steps=4), _FakeStore()
     lines = []
     callbacks = [cb.StepTracker(progress, log=lines.append), cb.Checkpoints(progress, store, every=1)]
-    model.fit(_dataset(x, y, w), steps_per_epoch=1, epochs=4, callbacks=callbacks, verbose=0)
+    model.fit(_dataset(x, y, w), steps_per_epoch=1, epochs=4, callbacks=callbacks, verbose=0, shuffle=False)
     assert progress.nonfinite_step == 3 and progress.step == 3
     assert store.saved == [1, 2]
     assert "nan at step 3" in lines[0]
@@ -160,7 +160,7 @@ IDENTITY = {"preset": "p", "lora_rank": 4, "layout": "gemma_tp"}
 def _trained(steps=3):
     model = _model(learning_rate=0.1)
     x, y, w = _batches(steps)
-    model.fit(_dataset(x, y, w), epochs=1, verbose=0)
+    model.fit(_dataset(x, y, w), epochs=1, verbose=0, shuffle=False)
     return model
 
 
@@ -204,7 +204,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
     store = CheckpointStore(str(tmp_path), keep=3, asynchronous=False)
     store.save(1, model, {"identity": IDENTITY})
     older = _state(model)
-    model.fit(_dataset(*_batches(1, seed=5)), epochs=1, verbose=0)
+    model.fit(_dataset(*_batches(1, seed=5)), epochs=1, verbose=0, shuffle=False)
     store.save(2, model, {"identity": IDENTITY})
     store.close()
     for victim in _data_files(os.path.join(store.directory, "2", "state")):

@@ -146,3 +146,13 @@ def test_instruct_prompts_use_the_gemma_chat_turn_format():
     assert recorder.preprocessor is None  # put back as it was
     generate.generate_texts(recorder, preprocessor, ["plain"], 32, chat=False)
     assert recorder.call["inputs"] == ["plain"] and recorder.call["stop_token_ids"] == (int(tokenizer.end_token_id),)
+
+
+def test_gemma2_is_not_exported_to_transformers_as_gemma1():
+    from keras_tune.models.loader import abstract_model
+
+    gemma2 = abstract_model(config_lib.load_config("gemma2_tiny"), lora=False)
+    problem = generate.transformers_export_problem(gemma2)
+    assert "model_type 'gemma' (Gemma 1)" in problem and "use_post_ffw_norm" in problem
+    for preset in ("gemma_tiny", "gemma3_tiny"):
+        assert generate.transformers_export_problem(abstract_model(config_lib.load_config(preset), lora=False)) is None

@@ -134,8 +134,6 @@ def _damage(step_dir):
     assert damaged
 
 
-# After a failed read, TensorStore may post a callback to Orbax's closed event loop.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path, capsys):
     corpus, reference, _ = uninterrupted
     out = tmp_path / "copy"
