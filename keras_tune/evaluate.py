@@ -32,13 +32,13 @@ print(result["tokens"], result["nll"], result["perplexity"])
 CLI: `python -m keras_tune.evaluate --preset P [--adapter FILE] [--seq-len N] TEXT_FILE...`
 """
 
-import argparse
 import math
 import sys
 import weakref
 
 import numpy as np
 
+from keras_tune.cli import ArgumentParser, load_model, run_cli
 from keras_tune.errors import UserError
 
 _SCORERS = weakref.WeakKeyDictionary()
@@ -173,7 +173,7 @@ def format_table(names, result):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m keras_tune.evaluate",
         description="Score text files with a preset (+ adapter): token count, mean next-token NLL (nats), perplexity.",
     )
@@ -206,13 +206,7 @@ def _read_texts(paths):
 
 def evaluate_files(args):
     """Loads the model the flags describe and scores the files; returns (names, result)."""
-    import keras
-
     from keras_tune.config import load_config
-    from keras_tune.distribution import plan_sharding
-    from keras_tune.lora import load_adapter
-    from keras_tune.models.loader import abstract_model
-    from keras_tune.models.loader import load_causal_lm
 
     texts = _read_texts(args.files)
     overrides = {}
@@ -225,12 +219,7 @@ def evaluate_files(args):
     if args.weights:
         overrides.update({"model.source": "gguf", "model.family": "gemma3", "model.weights": args.weights})
     config = load_config(args.preset, overrides=overrides)
-    plan = plan_sharding(config, abstract_model(config, lora=False).weights)
-    keras.config.set_dtype_policy(config.train.precision)
-    keras.distribution.set_distribution(plan.distribution())
-    causal_lm = load_causal_lm(config)
-    if args.adapter:
-        load_adapter(causal_lm, args.adapter, preset=config.preset)
+    causal_lm, _ = load_model(config, args.adapter)
     result = evaluate_texts(causal_lm, texts, sequence_length=config.data.seq_len, batch_size=args.batch_size)
     if result["tokens"] == 0:
         raise UserError("the text files hold no tokens; expected some text to score")
@@ -239,21 +228,16 @@ def evaluate_files(args):
 
 def main(argv=None):
     """CLI entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    try:
+
+    def work(args):
         if args.simulate_devices:  # before anything starts JAX
             from keras_tune.distribution import simulate_devices
 
             simulate_devices(args.simulate_devices)
         names, result = evaluate_files(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(format_table(names, result))
-    return 0
+        print(format_table(names, result))
+
+    return run_cli(build_parser(), argv, work)
 
 
 if __name__ == "__main__":

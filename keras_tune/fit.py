@@ -27,7 +27,6 @@ Exit codes: 0 done, 2 a user error (one `error:` line on stderr), 3 the loss
 became NaN/inf (the last good checkpoint is kept), 130 interrupted.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -39,10 +38,8 @@ import sys
 import time
 
 from keras_tune import config as config_lib
+from keras_tune.cli import ArgumentParser, parse_set_flags, run_cli
 from keras_tune.errors import UserError
-
-# What the Keras distributed-tuning tutorial sets: let XLA take all accelerator memory.
-MEM_FRACTION_DEFAULT = "1.00"
 
 # flag, config field, type, help. Every flag is a config field; `--set` reaches the rest.
 # A `bool` type is a switch; a `list` type is a repeatable flag.
@@ -88,17 +85,12 @@ FLAGS = (
 class LossNotFinite(UserError):
     """The training loss became NaN or infinite; the run stopped (the CLI exits with 3)."""
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line (exit 2), like every other user error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+    exit_code = 3
 
 
 def build_parser():
     """The argparse parser: one flag per config field, plus actions."""
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m keras_tune.fit",
         description="LoRA fine-tuning of Gemma-family models with Keras 3 + keras-hub on a device mesh.",
     )
@@ -131,11 +123,7 @@ def overrides_from_args(args):
     if args.__dict__.get("model.weights"):
         overrides["model.source"] = "gguf"
         overrides["model.family"] = "gemma3"
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item}: expected FIELD=VALUE, e.g. --set optimizer.beta_2=0.95")
-        overrides[field] = value
+    overrides.update(parse_set_flags(args.set))
     return overrides
 
 
@@ -496,14 +484,9 @@ def _train(config, plan, store, identity, output_dir, callbacks):
 
 
 def main(argv=None):
-    """CLI entry point; returns the process exit code."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION_DEFAULT)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as done:  # --help, or a bad flag already reported in one line
-        return done.code if isinstance(done.code, int) else 2
-    try:
+    """CLI entry point; returns the process exit code (0 done, 2 bad input, 3 NaN loss, 130 interrupted)."""
+
+    def work(args):
         overrides = overrides_from_args(args)
         # Devices must be simulated before anything starts JAX.
         if overrides.get("distribution.simulate_devices"):
@@ -513,18 +496,9 @@ def main(argv=None):
         if args.list_presets:
             print(list_presets_table())
             return 0
-        config = config_lib.load_config(args.preset, config_file=args.config, overrides=overrides)
-        run(config)
-    except LossNotFinite as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        run(config_lib.load_config(args.preset, config_file=args.config, overrides=overrides))
+
+    return run_cli(build_parser(), argv, work)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ python -m keras_tune.generate --preset gemma_tiny --adapter runs/x/adapter.npz -
 Exit codes: 0 done, 2 a user error (one `error:` line on stderr).
 """
 
-import argparse
 import os
 import sys
 
+from keras_tune.cli import ArgumentParser, load_model, parse_set_flags, run_cli
 from keras_tune.errors import UserError
 
 CHAT_TEMPLATE = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
@@ -111,36 +111,6 @@ def make_sampler(name="greedy", temperature=1.0, top_k=50, top_p=0.9, seed=None)
     raise UserError(f"--sampler '{name}'; expected one of {', '.join(SAMPLERS)}")
 
 
-def load_model(config, adapter=None):
-    """Builds the config's CausalLM under its distribution and loads an adapter.
-
-    The adapter's preset, rank and targets are checked against the model first
-    (`keras_tune.lora.load_adapter`): another preset's adapter is refused whole.
-
-    Args:
-        config: a validated run config.
-        adapter: path of an adapter `.npz`, or None.
-
-    Returns:
-        `(causal_lm, adapter_metadata or None)`.
-    """
-    import keras
-
-    from keras_tune.distribution import plan_sharding
-    from keras_tune.lora import load_adapter, read_adapter
-    from keras_tune.models.loader import abstract_model, load_causal_lm
-
-    if adapter:
-        read_adapter(adapter)  # an unreadable file fails before the model is built
-    plan = plan_sharding(config, abstract_model(config, lora=False).weights)
-    keras.config.set_dtype_policy(config.train.precision)
-    keras.distribution.set_distribution(plan.distribution())
-    keras.utils.set_random_seed(config.train.seed)
-    causal_lm = load_causal_lm(config)
-    metadata = load_adapter(causal_lm, adapter, preset=config.preset) if adapter else None
-    return causal_lm, metadata
-
-
 # Gemma 2 features keras-hub's Transformers exporter (0.32) does not carry: it writes
 # every GemmaBackbone as HF model_type "gemma" (Gemma 1), which has none of them.
 _GEMMA2_FEATURES = (
@@ -206,13 +176,8 @@ def merge_and_export(causal_lm, out_dir, transformers=True, log=print):
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser():
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m keras_tune.generate",
         description="Generate text with a Gemma preset (+ LoRA adapter); merge and export the tuned model.",
     )
@@ -250,12 +215,7 @@ def run_generate(args, log=print):
     prompts = list(args.prompts) or ([] if args.merge else _read_stdin_prompts())
     if not prompts and not args.merge:
         raise UserError("no prompt given; expected prompts as arguments or one a line on stdin")
-    overrides = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item}: expected FIELD=VALUE, e.g. --set model.handle=DIR")
-        overrides[field] = value
+    overrides = parse_set_flags(args.set)
     for field, value in (("train.precision", args.precision), ("distribution.mesh", args.mesh), ("train.seed", args.seed)):
         if value is not None:
             overrides[field] = value
@@ -278,24 +238,15 @@ def run_generate(args, log=print):
 
 def main(argv=None):
     """CLI entry point; returns the process exit code."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.00")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:
-        return done.code if isinstance(done.code, int) else 2
-    try:
+
+    def work(args):
         if args.simulate_devices:
             from keras_tune.distribution import simulate_devices
 
             simulate_devices(args.simulate_devices)
         run_generate(args, log=lambda line: print(line, file=sys.stderr))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(build_parser(), argv, work)
 
 
 if __name__ == "__main__":

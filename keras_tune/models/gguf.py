@@ -253,7 +253,6 @@ def _sentencepiece_proto(metadata, path):
         spec.remove_extra_whitespaces = False
         spec.escape_whitespaces = True
 
-    sp_type = proto.SentencePiece
     for token_id, (piece, score, token_type) in enumerate(zip(tokens, scores.tolist(), types.tolist())):
         if token_id == special["unknown"]:
             token_type = _UNKNOWN
