@@ -79,6 +79,161 @@ def spawn(script, job, devices, timeout, log_dir=None):
     return {"name": name, "error": f"exit {code}: " + " | ".join(tail)[-600:], "process_wall_s": round(wall, 1)}
 
 
+class _Turns:
+    """Child side of the round-robin: blocks until the parent hands it the turn.
+
+    Built from the job's `turn_fds` (read, write) pipe ends; without them every
+    call returns at once (a child measured on its own).
+    """
+
+    def __init__(self, job):
+        fds = job.get("turn_fds")
+        self.every = int(job.get("turn_steps") or 0)
+        self.read_fd, self.write_fd = fds if fds else (None, None)
+
+    @property
+    def active(self):
+        return self.read_fd is not None
+
+    def _say_and_wait(self, word):
+        if not self.active:
+            return
+        os.write(self.write_fd, word.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = os.read(self.read_fd, 1)
+            if not chunk:
+                raise RuntimeError("the benchmark parent went away")
+            data += chunk
+
+    def ready(self):
+        """Everything built: wait for the first turn."""
+        self._say_and_wait("R")
+
+    def after_step(self, done, total):
+        """After `done` of `total` steps: hand the turn on every `every` steps; wait at the end."""
+        if done >= total:
+            self._say_and_wait("F")  # finished: idle until every side is, then wrap up
+        elif self.every and done % self.every == 0:
+            self._say_and_wait("Y")
+
+
+def run_in_turns(script, jobs, devices, timeout, log_dir, turn_steps, settle_s=0.3):
+    """Starts every job's child at once and lets them train in turns of `turn_steps` steps.
+
+    Each child builds its model and data, then waits; once all are ready, one
+    child at a time runs `turn_steps` steps while the others sit blocked on a
+    pipe (using no CPU), round-robin, until all have run all their steps. Every
+    side thus sees the same machine load within a second or so: the fair way to
+    compare step times on a machine other people are using. Child start-up and
+    wrap-up never overlap anyone's timed steps, and `settle_s` seconds pass
+    between turns so the input-pipeline threads of the side that just stopped
+    (which go on prefetching, e.g. the keras-hub recipe's per-batch tokenizing)
+    are done before the next side's clock runs.
+
+    Returns the children's result dicts in the order of `jobs`.
+    """
+    import select
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + timeout
+    children = []
+    for job in jobs:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        result_path = log_dir / f"{job['name']}.result.json"
+        child_job = dict(job, result_path=str(result_path), turn_fds=[to_child_r, from_child_w], turn_steps=turn_steps)
+        log = open(log_dir / f"{job['name']}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--child", json.dumps(child_job)],
+            env=child_env(devices), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+            pass_fds=(to_child_r, from_child_w),
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        children.append({"job": job, "proc": proc, "log": log, "send": to_child_w, "recv": from_child_r,
+                         "result_path": result_path, "state": "starting", "started": time.time()})
+
+    def read_word(child, wait):
+        ready, _, _ = select.select([child["recv"]], [], [], wait)
+        if not ready:
+            return None
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = os.read(child["recv"], 1)
+            if not chunk:
+                return "EOF"
+            data += chunk
+        return data.decode().strip()
+
+    def send(child, word):
+        try:
+            os.write(child["send"], word.encode() + b"\n")
+        except OSError:
+            child["state"] = "dead"
+
+    try:
+        # 1. Wait until every child has built everything (or died).
+        for child in children:
+            word = read_word(child, max(1.0, deadline - time.time()))
+            child["state"] = "ready" if word == "R" else "dead"
+        # 2. Round-robin turns.
+        active = [c for c in children if c["state"] == "ready"]
+        while active and time.time() < deadline:
+            for child in list(active):
+                if len(active) > 1:
+                    time.sleep(settle_s)
+                send(child, "G")
+                word = read_word(child, max(1.0, deadline - time.time()))
+                if word == "Y":
+                    continue
+                active.remove(child)
+                child["state"] = "finished" if word == "F" else "dead"
+        # 3. Let them all wrap up.
+        for child in children:
+            if child["state"] == "finished":
+                send(child, "X")
+        for child in children:
+            try:
+                child["proc"].wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                child["proc"].kill()
+                child["proc"].wait()
+    finally:
+        for child in children:
+            if child["proc"].poll() is None:
+                child["proc"].kill()
+                child["proc"].wait()
+            for fd in (child["send"], child["recv"]):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            child["log"].close()
+
+    results = []
+    for child in children:
+        wall = round(time.time() - child["started"], 1)
+        if child["proc"].returncode == 0 and child["result_path"].is_file():
+            result = json.loads(child["result_path"].read_text())
+            result["process_wall_s"] = wall
+        else:
+            log_path = log_dir / f"{child['job']['name']}.log"
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-6:]
+            result = {"name": child["job"]["name"],
+                      "error": f"exit {child['proc'].returncode}: " + " | ".join(tail)[-600:]}
+        results.append(result)
+    return results
+
+
+def short_error(text, limit=200):
+    """The most telling line of a child's error (the last one naming an Error), cut to `limit`."""
+    parts = [p.strip() for p in str(text).split(" | ")]
+    named = [p for p in parts if "Error" in p or "error" in p]
+    return (named[-1] if named else parts[-1])[:limit]
+
+
 def child_main(handlers):
     """Entry of a child: `--child JOB_JSON`; runs `handlers[job["kind"]](job)` and writes its dict."""
     job = json.loads(sys.argv[sys.argv.index("--child") + 1])
@@ -175,7 +330,7 @@ def read_plain_strings(path):
 COMPILE_STEP_SECONDS = 0.2  # a backend compile longer than this marks a step as a compile step
 
 
-def make_step_timer(nonpad_counts=None):
+def make_step_timer(job=None):
     """Returns a keras callback that times every training step, and marks compile steps.
 
     The callback reads the step's logs, which waits for the step to finish, so
@@ -185,37 +340,56 @@ def make_step_timer(nonpad_counts=None):
     compile step (the first step, and the first step of each new bucket
     length) and is kept out of the steady-state figures.
 
+    With a job that holds `turn_fds` (see `run_in_turns`) the timer also waits
+    for its turn before the first step and every `turn_steps` steps; waiting
+    time is never part of a step.
+
     Args:
-        nonpad_counts: optional list the input pipeline appends per-batch
-            `(non-pad positions, loss positions, padded positions)` to, in order.
+        job: the child's job (`steps` and the optional turn pipes are read).
     """
     import jax
     import keras
 
-    compiles = []
+    compiles, lowering = [], []
 
     def listener(name, duration, **kwargs):
         if name == "/jax/core/compile/backend_compile_duration":
             compiles.append((time.perf_counter(), duration))
+        elif name in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+            lowering.append((time.perf_counter(), duration))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
+
+    turns = _Turns(job or {})
+    total_steps = int((job or {}).get("steps") or 0)
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.ends, self.begin = [], None
+            self.starts, self.ends, self.begin, self.last = [], [], None, None
             self.compiles = compiles
 
         def on_train_begin(self, logs=None):
-            self.begin = time.perf_counter()
+            turns.ready()
+            self.begin = self.last = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            # `logs` arrive as Python numbers: the step is done.
+            # `logs` arrive as Python numbers (this callback is not async-safe): the step is done.
+            self.starts.append(self.last)
             self.ends.append(time.perf_counter())
+            if turns.active:
+                turns.after_step(len(self.ends), total_steps)
+            self.last = time.perf_counter()
 
         def summary(self, tokens_per_step, nonpad_per_step=None, loss_per_step=None):
-            """Figures over the steady steps (compile steps left out)."""
-            starts = [self.begin] + self.ends[:-1]
+            """Figures over the steady steps (compile steps left out).
+
+            Two kinds of rate: plain ones (work / summed step time) and `_robust`
+            ones, where each step counts at the median time of steps of its shape
+            (padded positions), so a few steps slowed by other processes on a
+            shared machine do not move the figure.
+            """
+            starts = self.starts
             steps = []
             for i, (start, end) in enumerate(zip(starts, self.ends)):
                 compiled = sum(d for t, d in compiles if start <= t <= end and d > COMPILE_STEP_SECONDS)
@@ -241,14 +415,38 @@ def make_step_timer(nonpad_counts=None):
                     return round(sum(per_step(s["i"]) for s in steady) / steady_s, 1)
                 return round(per_step * len(steady) / steady_s, 1)
 
-            # End to end: every step, compiles included (what a short run sees).
-            total_s = self.ends[-1] - self.begin if self.ends else 0.0
+            # Where the compile steps' time goes: XLA compiling vs tracing and lowering to MLIR.
+            windows = list(zip(starts, self.ends))
+
+            def within(events):
+                return sum(d for t, d in events if any(a <= t <= b for a, b in windows))
+
+            out["xla_compile_s"] = round(within(compiles), 3)
+            out["trace_lower_s"] = round(within(lowering), 3)
+            # End to end: every step, compiles included (what a short run sees), waits for turns left out.
+            total_s = sum(s["s"] for s in steps)
             out["total_s"] = round(total_s, 3)
             if nonpad_per_step is not None and total_s:
                 per = nonpad_per_step
                 done = sum(per(s["i"]) for s in steps) if callable(per) else per * len(steps)
                 out["nonpad_tokens_per_s_with_compile"] = round(done / total_s, 1)
             out["tokens_per_s"] = rate(tokens_per_step)
+
+            def per(value, i):
+                return value(i) if callable(value) else value
+
+            by_shape = {}
+            for s in steady:
+                by_shape.setdefault(per(tokens_per_step, s["i"]), []).append(s["s"])
+            median_of = {shape: float(np.median(times)) for shape, times in by_shape.items()}
+            robust_s = sum(median_of[per(tokens_per_step, s["i"])] for s in steady)
+            if robust_s:
+                out["steps_per_s_robust"] = round(len(steady) / robust_s, 3)
+                out["tokens_per_s_robust"] = round(sum(per(tokens_per_step, s["i"]) for s in steady) / robust_s, 1)
+                for name, value in (("nonpad", nonpad_per_step), ("loss", loss_per_step)):
+                    if value is not None:
+                        out[f"{name}_tokens_per_s_robust"] = round(sum(per(value, s["i"]) for s in steady) / robust_s, 1)
+                out["step_ms_by_positions"] = {str(k): round(1000 * v, 2) for k, v in sorted(median_of.items())}
             if nonpad_per_step is not None:
                 out["nonpad_tokens_per_s"] = rate(nonpad_per_step)
             if loss_per_step is not None:

@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark entry: `benchmarks/run.py --quick` runs and writes its JSON.
+
+Never asserts on timings: only that every table was produced and the figures
+have the keys BENCHMARKS.md and readers of `results.json` rely on.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_run_quick_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    env = dict(os.environ)
+    # The children set their own device counts; nothing here needs JAX.
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--json", str(out),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("command", "date", "machine", "quick", "gpu", "step_throughput", "data_pipeline", "scaling",
+                "real", "wall_s"):
+        assert key in figures, key
+    assert figures["quick"] is True
+    assert figures["gpu"].startswith("not measured")
+    assert figures["real"] is None
+
+    step = figures["step_throughput"]
+    rows = {row["label"]: row for row in step["rows"]}
+    assert set(rows) == {"keras-hub recipe (pad)", "keras_tune (pad)", "keras_tune (auto)"}, rows
+    for label, row in rows.items():
+        assert "error" not in row, (label, row.get("error"))
+        for key in ("steps_per_s", "tokens_per_s", "nonpad_tokens_per_s", "first_step_s", "step_ms_median"):
+            assert row.get(key) is not None, (label, key)
+    for key in ("steps_per_s_pad_vs_plain", "nonpad_tokens_per_s_auto_vs_plain"):
+        assert key in step["ratios"], key
+
+    scaling_rows = figures["scaling"]["rows"]
+    assert [row["mesh"] for row in scaling_rows] == ["1x1", "1x8"]
+    for row in scaling_rows:
+        assert "error" not in row, row
+        assert row["planned_weights_bytes"] > 0
+        # The plan and the arrays actually on device 0 agree.
+        assert row["measured_weights_bytes_device0"] == row["planned_weights_bytes"]
+
+    assert "error" not in figures["data_pipeline"], figures["data_pipeline"]
+
+    for title in ("## Step throughput", "## Input pipeline", "## Scaling", "## GPU"):
+        assert title in proc.stdout
