@@ -14,7 +14,6 @@ print(config.model.arch.num_layers, config.lora.rank)
 ```
 """
 
-import copy
 import importlib
 import importlib.util
 import json
@@ -361,8 +360,3 @@ def _tuples(value):
     if isinstance(value, list):
         return tuple(value)
     return value
-
-
-def clone(config):
-    """Returns an unlocked deep copy of a config."""
-    return ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
