@@ -22,3 +22,11 @@ def _fresh_keras_state():
     yield
     keras.distribution.set_distribution(None)
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny presets' offline Gemma 3 tokenizer (built once; it is immutable)."""
+    from keras_tune.models.tiny import tiny_tokenizer
+
+    return tiny_tokenizer("gemma3")

@@ -14,7 +14,6 @@ import pytest
 from keras_tune.data import make_datasets, pipeline
 from keras_tune.data.chat import END, MODEL, USER
 from keras_tune.errors import UserError
-from keras_tune.models.tiny import tiny_tokenizer
 
 DEFAULTS = dict(
     name="code",
@@ -51,11 +50,6 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr("socket.getaddrinfo", refuse)
     monkeypatch.setattr("socket.create_connection", refuse)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer("gemma3")
 
 
 def ids(tok, text):

@@ -26,6 +26,7 @@ from keras_tune.data import make_datasets
 from keras_tune.data.tfds_source import load_split
 from keras_tune.errors import UserError
 from keras_tune.models.tiny import tiny_tokenizer
+from test_data import ids
 
 IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 MTNT_URL = "https://github.com/pmichel31415/mtnt/releases/download/v1.1/MTNT.1.1.tar.gz"
@@ -125,15 +126,6 @@ def build_tfds_data_dir(root, reviews=None, pairs=None):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     return build_tfds_data_dir(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer("gemma3")
-
-
-def ids(tok, text):
-    return [int(i) for i in np.asarray(tok(text)).reshape(-1)]
 
 
 def rows(dataset):

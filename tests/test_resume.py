@@ -1,7 +1,6 @@
 """Checkpoints and resume end to end: kill -9, corruption fallback, refusal of another model's checkpoint."""
 
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,21 +14,11 @@ from keras_tune import config as config_lib
 from keras_tune import fit
 from keras_tune.callbacks import read_rows
 from keras_tune.errors import UserError
+from test_fit import write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY, EVAL_EVERY = 40, 4, 8
 COMPARED = ("step", "loss", "learning_rate", "val_loss", "val_perplexity", "val_accuracy")
-
-
-def write_corpus(path, paragraphs=300, seed=0):
-    words = ("the model learns small words from a tiny corpus and every step makes the loss go down "
-             "while the data stays the same").split()
-    rng = random.Random(seed)
-    with open(path, "w") as file:
-        file.write("\n\n".join(
-            " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(paragraphs)
-        ))
-    return str(path)
 
 
 def _flags(corpus, out):
