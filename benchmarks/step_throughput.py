@@ -405,6 +405,14 @@ COLUMNS = [
 ]
 
 
+def _table_rows(result):
+    """Result rows for a table; a side that failed shows as one labelled line."""
+    return [
+        {"label": f"{row['label']}: FAILED {common.short_error(row['error'])}"} if "error" in row else row
+        for row in result["rows"]
+    ]
+
+
 def tiny_table(result):
     s = result["setting"]
     head = (
@@ -416,12 +424,7 @@ def tiny_table(result):
         "columns are the side's best round, the rest the median over rounds ('steps/s, all steps': mean over "
         "every steady step)."
     )
-    rows = []
-    for row in result["rows"]:
-        if "error" in row:
-            rows.append({"label": f"{row['label']}: FAILED {common.short_error(row['error'])}"})
-        else:
-            rows.append(row)
+    rows = _table_rows(result)
     if s.get("name") == "quick":
         head += " SMOKE SETTING: a few steps at a short length check the wiring; these figures measure nothing."
     lines = [head, "", common.table(rows, COLUMNS), ""]
@@ -457,12 +460,7 @@ def real_table(result):
         f"(1 or 2 XLA devices); the keras-hub recipe and keras_tune (pad) train in turns of {REAL['turn_steps']} "
         "steps, keras_tune (auto) runs after them alone"
     )
-    rows = []
-    for row in result["rows"]:
-        if "error" in row:
-            rows.append({"label": f"{row['label']}: FAILED {common.short_error(row['error'])}"})
-        else:
-            rows.append(row)
+    rows = _table_rows(result)
     lines = [head, "", common.table(rows, COLUMNS), ""]
     lines += [f"- {name}: {value:.3f}x" for name, value in result.get("ratios", {}).items()]
     return "\n".join(lines)
