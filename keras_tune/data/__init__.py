@@ -22,6 +22,7 @@ x, y, sample_weight = next(iter(bundle.train))  # token_ids/padding_mask [B, L],
 ```
 """
 
+from keras_tune import environment
 from keras_tune.data import chat, code, imdb, mtnt, text
 from keras_tune.data.pipeline import DataBundle, Source, make_bundle
 from keras_tune.data.report import DataReport, SplitReport
@@ -35,6 +36,8 @@ def make_datasets(data_config, tokenizer, seed=0, log=print):
 
     Everything about the input is checked here, before any training: a bad path,
     field, file, split or length raises `keras_tune.errors.UserError`.
+    TensorFlow is first limited to the CPU (`keras_tune.environment`), so tf.data
+    never takes a GPU or TPU from JAX.
 
     Args:
         data_config: the `data` section of the run config (`ml_collections.ConfigDict`).
@@ -43,6 +46,7 @@ def make_datasets(data_config, tokenizer, seed=0, log=print):
             seed gives the same batches.
         log: callable for progress lines (None for quiet).
     """
+    environment.keep_tensorflow_off_accelerators()  # before any tf.data work
     log = log or (lambda line: None)
     recipe = RECIPES.get(data_config.name)
     if recipe is None:

@@ -1,0 +1,262 @@
+"""Process start-up: quiet native logs, and TensorFlow kept off the accelerators.
+
+keras_tune trains with JAX and uses TensorFlow only for `tf.data` (tokenizing and
+batching). The `tensorflow` wheel that tensorflow-text pulls in is built with CUDA,
+so on its own it would print, on every start:
+
+* `cudart_stub.cc ... Could not find cuda drivers on your machine, GPU will not be
+  used.` (and absl's `WARNING: All log messages before absl::InitializeLog() ...`):
+  logged by the CUDA runtime stub while `libtensorflow_framework.so` loads, before
+  TensorFlow has read `TF_CPP_MIN_LOG_LEVEL`, so that variable cannot hide it;
+* `oneDNN custom operations are on ...`: the same, from TensorFlow's CPU kernels;
+* `failed call to cuInit: ... CUDA error`: TensorFlow probing for GPUs the first
+  time it runs an op, on any machine without a CUDA driver;
+* `normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity
+  normalization.`: tensorflow-text's copy of SentencePiece, each time keras-hub
+  builds a Gemma tokenizer (Gemma's SentencePiece models do no normalization).
+
+`quiet_start()`, run by `import keras_tune` before anything imports TensorFlow or
+JAX, silences these where they start. It only sets defaults: a variable you set
+yourself wins, and `TF_CPP_MIN_LOG_LEVEL=0` brings every log line back. Nothing
+here hides a GPU or TPU from JAX.
+
+`keep_tensorflow_off_accelerators()` checks that TensorFlow sees only CPUs, and
+hides the others if it still can; `make_datasets` calls it before any `tf.data`
+work.
+"""
+
+import contextlib
+import functools
+import os
+import re
+import sys
+import tempfile
+import threading
+import warnings
+
+# Defaults for the environment of this process; `os.environ.setdefault`, so a
+# value the user set wins.
+QUIET_ENVIRONMENT = {
+    # TensorFlow's C++ logging: hide INFO, keep warnings and errors.
+    "TF_CPP_MIN_LOG_LEVEL": "1",
+    # Register only TensorFlow's CPU device factory: TensorFlow never calls cuInit,
+    # never takes GPU (or TPU) memory, and tf.data runs on the CPU as it would
+    # anyway. JAX does not read this variable and still uses every accelerator.
+    "TF_ENABLED_DEVICE_TYPES": "CPU",
+    # TensorFlow runs only the input pipeline here (string and integer ops), which
+    # oneDNN's float kernels do not touch; off, its start-up notice goes too.
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+}
+
+# Native log lines, as bytes: absl's format (`I0000 00:00:...  1234 file.cc:12] `,
+# letter = severity), SentencePiece's (`file.cc(12) LOG(INFO) `), and absl's header.
+_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+_SENTENCEPIECE_LINE = re.compile(rb"^\S+\(\d+\) LOG\((INFO|WARNING|ERROR|FATAL)\) ")
+_ABSL_HEADER = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3, b"INFO": 0, b"WARNING": 1, b"ERROR": 2, b"FATAL": 3}
+
+_filter_lock = threading.RLock()
+_filter_depth = 0
+
+
+def min_log_level():
+    """The native log level in force: `TF_CPP_MIN_LOG_LEVEL` as an int (0 to 3)."""
+    try:
+        return max(0, min(3, int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))))
+    except ValueError:
+        return 0
+
+
+def is_native_noise(line, level=None):
+    """Whether a raw stderr line is a native log line below the log level in force.
+
+    Args:
+        line: one line of stderr output, as bytes.
+        level: the minimum severity kept (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL);
+            `min_log_level()` when None.
+    """
+    level = min_log_level() if level is None else level
+    if level <= 0:
+        return False
+    if line.rstrip(b"\r\n") == _ABSL_HEADER:
+        return True
+    match = _ABSL_LINE.match(line) or _SENTENCEPIECE_LINE.match(line)
+    return bool(match) and _SEVERITY[match.group(1)] < level
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Drops native log lines below `TF_CPP_MIN_LOG_LEVEL` written to stderr inside.
+
+    For C++ code that logs before it reads `TF_CPP_MIN_LOG_LEVEL`, or never reads it
+    (static initializers of TensorFlow's shared libraries, tensorflow-text's
+    SentencePiece). File descriptor 2 goes to a temporary file for the duration;
+    afterwards every other line is written to stderr, in order: warnings and errors
+    are delayed, not dropped (unless the process dies inside). A no-op when the
+    level is 0, when stderr cannot be redirected, and when nested; other threads
+    wait until the outermost one ends.
+    """
+    global _filter_depth
+    with _filter_lock:
+        capture = saved = None
+        if not _filter_depth and min_log_level() > 0:
+            try:
+                sys.stderr.flush()
+                capture = tempfile.TemporaryFile()
+                saved = os.dup(2)
+                os.dup2(capture.fileno(), 2)
+            except (OSError, ValueError, AttributeError):
+                if saved is not None:
+                    os.close(saved)
+                if capture is not None:
+                    capture.close()
+                capture = saved = None
+        if capture is None:
+            yield
+            return
+        _filter_depth += 1
+        try:
+            yield
+        finally:
+            _filter_depth -= 1
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            with capture:
+                capture.seek(0)
+                kept = b"".join(line for line in capture if not is_native_noise(line))
+            while kept:
+                kept = kept[os.write(2, kept):]
+
+
+class _QuietLoader:
+    """Wraps a module's loader: runs it inside `quiet_native_logs`, then `after`."""
+
+    def __init__(self, loader, finder, after):
+        self._loader, self._finder, self._after = loader, finder, after
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        try:
+            with quiet_native_logs():
+                self._loader.exec_module(module)
+        finally:
+            module.__loader__ = self._loader
+            if getattr(module, "__spec__", None) is not None:
+                module.__spec__.loader = self._loader
+        self._finder.done(module.__name__)
+        if self._after is not None:
+            self._after(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _QuietImports:
+    """`sys.meta_path` entry: the first import of each watched module is quiet."""
+
+    def __init__(self, watched):
+        self.watched = dict(watched)  # module name -> callable(module) or None
+
+    def done(self, name):
+        self.watched.pop(name, None)
+        if not self.watched and self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.watched:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader, self, self.watched[name])
+                return spec
+        return None
+
+
+def _quiet_sentencepiece_tokenizers(keras_hub):
+    """Wraps keras-hub's `SentencePieceTokenizer.set_proto` in `quiet_native_logs`.
+
+    Args:
+        keras_hub: the imported `keras_hub` module.
+    """
+    cls = getattr(getattr(keras_hub, "tokenizers", None), "SentencePieceTokenizer", None)
+    set_proto = getattr(cls, "set_proto", None)
+    if set_proto is None or getattr(set_proto, "_keras_tune_quiet", False):
+        return
+
+    @functools.wraps(set_proto)
+    def quiet_set_proto(self, proto):
+        with quiet_native_logs():
+            return set_proto(self, proto)
+
+    quiet_set_proto._keras_tune_quiet = True
+    cls.set_proto = quiet_set_proto
+
+
+def quiet_start():
+    """Silences TensorFlow's and SentencePiece's start-up logs for this process.
+
+    Sets `QUIET_ENVIRONMENT` as defaults (before TensorFlow is imported, so they
+    apply), then, unless `TF_CPP_MIN_LOG_LEVEL` is 0, makes the first import of
+    `tensorflow` drop the native INFO lines it prints while loading, and keras-hub's
+    SentencePiece tokenizers drop tensorflow-text's `LOG(INFO)` line. Idempotent;
+    called by `import keras_tune`. CUDA_VISIBLE_DEVICES, JAX_PLATFORMS and the like
+    are left alone: JAX still finds GPUs and TPUs.
+    """
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    if min_log_level() <= 0:
+        return
+    watched = {}
+    if "tensorflow" not in sys.modules:
+        watched["tensorflow"] = None
+    if "keras_hub" in sys.modules:
+        _quiet_sentencepiece_tokenizers(sys.modules["keras_hub"])
+    else:
+        watched["keras_hub"] = _quiet_sentencepiece_tokenizers
+    if watched and not any(isinstance(finder, _QuietImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImports(watched))
+
+
+def keep_tensorflow_off_accelerators(tf=None):
+    """Makes TensorFlow see only CPUs, so tf.data never takes a GPU or TPU from JAX.
+
+    With `quiet_start()`'s `TF_ENABLED_DEVICE_TYPES=CPU` TensorFlow has no other
+    device to begin with and this only checks; it matters when TensorFlow was
+    imported before keras_tune or that variable was overridden. `make_datasets`
+    calls it before any `tf.data` work. Once TensorFlow has run an op (building a
+    keras-hub tokenizer runs one) with an accelerator visible, visibility can no
+    longer change: a `RuntimeWarning` says so and the devices stay as they are.
+
+    Args:
+        tf: the `tensorflow` module (a stand-in in tests); imported when None.
+
+    Returns:
+        The sorted device types TensorFlow can see afterwards (`["CPU"]` normally).
+    """
+    if tf is None:
+        import tensorflow as tf
+
+    visible = tf.config.get_visible_devices()
+    if any(device.device_type != "CPU" for device in visible):
+        cpus = [device for device in tf.config.list_physical_devices() if device.device_type == "CPU"]
+        try:
+            tf.config.set_visible_devices(cpus)
+        except RuntimeError as error:
+            names = ", ".join(device.name for device in visible if device.device_type != "CPU")
+            warnings.warn(
+                f"TensorFlow already runs with {names} visible and cannot be moved off them "
+                f"({error}); tf.data may hold accelerator memory that JAX needs. Import "
+                "keras_tune before running any TensorFlow op.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        visible = tf.config.get_visible_devices()
+    return sorted({device.device_type for device in visible})

@@ -1,0 +1,164 @@
+"""Quiet start and TensorFlow kept off accelerators (keras_tune.environment)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+
+from keras_tune import environment
+
+# Variables the test harness (conftest) or a user's shell may set that change what a
+# plain `python -m keras_tune.fit` prints or where it runs.
+_HARNESS_VARIABLES = ("TF_", "JAX_", "XLA_", "KERAS_BACKEND", "CUDA_VISIBLE_DEVICES")
+_NATIVE_INFO = re.compile(r"^I\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+
+
+@pytest.mark.slow
+def test_fit_starts_quietly(tmp_path):
+    """A fresh CLI run (tokenizer trained from scratch) prints no CUDA or native INFO line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_HARNESS_VARIABLES)}
+    env["KERAS_TUNE_CACHE"] = str(tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_tune.fit", "--preset", "gemma_tiny", "--steps", "2",
+         "--output-dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    assert result.returncode == 0, "\n".join(lines[-40:])
+    noisy = [
+        line for line in lines
+        if "CUDA" in line or "LOG(INFO)" in line or "absl::InitializeLog" in line or _NATIVE_INFO.match(line)
+    ]
+    assert noisy == [], "\n".join(noisy)
+    assert any(line.startswith("run directory:") for line in lines)
+
+
+def test_make_datasets_keeps_tensorflow_on_cpu(tmp_path, tok, monkeypatch):
+    import ml_collections
+    import tensorflow as tf
+
+    from keras_tune.data import make_datasets
+
+    calls = []
+    real = environment.keep_tensorflow_off_accelerators
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(environment, "keep_tensorflow_off_accelerators", spy)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(
+        json.dumps({"prompt": f"Count to {n}:\n", "response": " ".join(map(str, range(n)))}) + "\n"
+        for n in range(1, 5)
+    ), encoding="utf-8")
+    config = ml_collections.ConfigDict(dict(
+        name="text", path=str(path), data_dir="", max_examples=0, seq_len=24, batch_size=2,
+        validation_fraction=0.0, max_validation_examples=0, text_field="text", prompt_field="prompt",
+        response_field="response", messages_field="messages", mtnt_pair="en-fr",
+        prompt_template="{source}", batching="pad", key_tokens=(), key_token_alpha=0.0, shuffle_buffer=0,
+    ))
+    bundle = make_datasets(config, tok, seed=0, log=None)
+    next(iter(bundle.train))
+    assert calls == [()]
+    assert tf.config.get_visible_devices("GPU") == []
+    assert {device.device_type for device in tf.config.get_visible_devices()} == {"CPU"}
+    assert os.environ["TF_ENABLED_DEVICE_TYPES"] == "CPU"
+
+
+def _device(kind, index=0):
+    return types.SimpleNamespace(name=f"/physical_device:{kind}:{index}", device_type=kind)
+
+
+class _FakeConfig:
+    """tf.config over a fixed device list; `initialized` makes visibility final."""
+
+    def __init__(self, physical, initialized=False):
+        self.physical, self.visible, self.initialized = list(physical), list(physical), initialized
+        self.calls = []
+
+    def list_physical_devices(self, device_type=None):
+        return [d for d in self.physical if device_type in (None, d.device_type)]
+
+    def get_visible_devices(self, device_type=None):
+        return [d for d in self.visible if device_type in (None, d.device_type)]
+
+    def set_visible_devices(self, devices, device_type=None):
+        self.calls.append((list(devices), device_type))
+        if self.initialized:
+            raise RuntimeError("Visible devices cannot be modified after being initialized")
+        kept = [] if device_type is None else [d for d in self.visible if d.device_type != device_type]
+        self.visible = kept + list(devices)
+
+
+def test_keep_tensorflow_off_accelerators_hides_gpus_and_tpus():
+    cpu = _device("CPU")
+    config = _FakeConfig([cpu, _device("GPU"), _device("GPU", 1), _device("TPU")])
+    assert environment.keep_tensorflow_off_accelerators(types.SimpleNamespace(config=config)) == ["CPU"]
+    assert config.visible == [cpu] and config.get_visible_devices("GPU") == []
+    assert config.calls == [([cpu], None)]
+
+
+def test_keep_tensorflow_off_accelerators_leaves_a_cpu_only_tensorflow_alone():
+    config = _FakeConfig([_device("CPU")], initialized=True)
+    assert environment.keep_tensorflow_off_accelerators(types.SimpleNamespace(config=config)) == ["CPU"]
+    assert config.calls == []
+
+
+def test_keep_tensorflow_off_accelerators_warns_once_tensorflow_runs_on_a_gpu():
+    config = _FakeConfig([_device("CPU"), _device("GPU")], initialized=True)
+    with pytest.warns(RuntimeWarning, match=r"GPU:0 visible.*Import keras_tune before"):
+        kinds = environment.keep_tensorflow_off_accelerators(types.SimpleNamespace(config=config))
+    assert kinds == ["CPU", "GPU"]
+
+
+NOISE = [
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    b"I0000 00:00:1795447167.745920    5752 cudart_stub.cc:31] Could not find cuda drivers on your machine,"
+    b" GPU will not be used.\n",
+    b"I0000 00:00:1795447167.744401    5752 port.cc:153] oneDNN custom operations are on.\n",
+    b"normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.\n",
+]
+KEPT = [
+    b"E0000 00:00:1795447170.956884    5752 some_op.cc:52] a real error\n",
+    b"W1123 11:35:39.123456    5752 dataset.cc:9] a real warning\n",
+    b"trainer_interface.cc(12) LOG(WARNING) a sentencepiece warning\n",
+    b"a Python traceback line\n",
+]
+
+
+@pytest.mark.parametrize("level, dropped", [("1", NOISE), ("3", NOISE + KEPT[:3]), ("0", [])])
+def test_quiet_native_logs_drops_only_lines_below_the_level(capfd, monkeypatch, level, dropped):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    with environment.quiet_native_logs():
+        for line in NOISE + KEPT:
+            os.write(2, line)
+    expected = b"".join(line for line in NOISE + KEPT if line not in dropped)
+    assert capfd.readouterr().err == expected.decode()
+
+
+def test_quiet_start_only_sets_defaults_and_leaves_accelerators_to_jax(monkeypatch):
+    for name in environment.QUIET_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # a user who wants every log line
+    before = dict(os.environ)
+    environment.quiet_start()
+    added = {k: v for k, v in os.environ.items() if k not in before}
+    assert added == {"TF_ENABLED_DEVICE_TYPES": "CPU", "TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+def test_keras_hub_tokenizers_build_quietly(capfd):
+    import keras_hub
+
+    from keras_tune.models.tiny import tiny_tokenizer
+
+    assert getattr(keras_hub.tokenizers.SentencePieceTokenizer.set_proto, "_keras_tune_quiet", False)
+    capfd.readouterr()
+    tokenizer = tiny_tokenizer("gemma")
+    assert int(tokenizer.token_to_id("<bos>")) == 2
+    assert "LOG(INFO)" not in capfd.readouterr().err
