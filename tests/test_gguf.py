@@ -390,7 +390,7 @@ def test_cache_is_reused_and_rebuilt_when_damaged(tiny_q8_gguf, cache, caplog):
     fresh, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "gguf"
     (cache_file,) = cache.glob("*.bin")
-    assert not list(cache.glob("*.tmp*"))
+    assert not list(cache.glob("*.partial*"))
     reference = _logits(fresh, TINY_IDS)
     cached, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "cache"

@@ -22,10 +22,12 @@ is the reference for the GGUF side):
 - Tokenizer: see `gguf_tokenizer`.
 
 Cost on 2 CPU cores for the registry's 4-bit Gemma 3 270M: reading the header
-0.3 s, dequantizing 268M weights about 2 s. The float32 result is cached under
-`cache_dir() / "gguf"` (see `gguf_cache`), keyed by the sha256 of the GGUF's
-bytes, and memory-mapped on later loads. Most of a load is keras-hub building the
-backbone (random initialization, 4-7 s) and the tokenizer (about 3 s).
+0.3 s, dequantizing 268M weights about 2 s. The float32 result and the rebuilt
+SentencePiece model are cached under `cache_dir() / "gguf"` (see `gguf_cache`),
+keyed by the sha256 of the GGUF's bytes, and memory-mapped on later loads. A
+cached load never runs keras-hub's random initializers: the backbone's variables
+are created deferred and get the cached arrays as their first value, one copy
+each, already sharded under an active distribution.
 
 Example:
 
@@ -38,19 +40,21 @@ gguf_models.export_gguf(causal_lm, "/tmp/gemma3-tuned-f16.gguf", dtype="f16")
 ```
 """
 
+import contextlib
 import logging
-import os
 import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from keras_tune import compat
 from keras_tune.errors import UserError
 from keras_tune.models import gguf_cache
 from keras_tune.models.gguf_cache import file_sha256  # noqa: F401 (public)
 from keras_tune.models.gguf_format import dequantizable_types
 from keras_tune.models.gguf_format import read_gguf
+from keras_tune.rundir import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +283,46 @@ def _sentencepiece_proto(metadata, path):
     return serialized
 
 
-def _tokenizer_from_metadata(metadata, path):
+def _gemma3_tokenizer(proto, has_vision_tokens):
+    """`Gemma3Tokenizer(proto=proto)`, in 0.4 s instead of 3 s for a 262144-piece vocabulary.
+
+    `set_proto` stores the vocabulary as a list and a dict on the layer, and Keras'
+    attribute tracking wraps them and inspects every one of the 2 x 262144 strings
+    for variables (2.5 s). Strings hold no state to track, so the proto is set
+    with tracking off; `set_proto` is what keras-hub's own `load_assets` calls
+    on a tokenizer built without one.
+    """
     import keras_hub
 
-    proto = _sentencepiece_proto(metadata, path)
+    tokenizer = keras_hub.models.Gemma3Tokenizer(proto=None, has_vision_tokens=has_vision_tokens)
+    with compat.untracked_attributes():
+        tokenizer.set_proto(proto)
+    return tokenizer
+
+
+def _cache_digest(gguf_file):
+    """The GGUF's sha256 when its conversion is worth caching (quantized weights), else None.
+
+    F32/F16/BF16 tensors convert as fast as the cache reads, and a float32 copy of
+    an F16 file would double its size on disk.
+    """
+    if all(info.type_name in _FLOAT_TYPES for info in gguf_file.tensors.values()):
+        return None
+    return gguf_cache.file_sha256(gguf_file.path)
+
+
+def _tokenizer(gguf_file, digest=None):
+    """The GGUF's `Gemma3Tokenizer`; with a `digest`, its SentencePiece model is cached."""
+    metadata, path = gguf_file.metadata, gguf_file.path
+    proto = gguf_cache.read_tokenizer(digest) if digest else None
+    if proto is None:
+        proto = _sentencepiece_proto(metadata, path)
+        if digest:
+            gguf_cache.write_tokenizer(digest, proto)
     vocabulary = set(metadata["tokenizer.ggml.tokens"])
     has_vision_tokens = all(t in vocabulary for t in ("<img>", "<start_of_image>", "<end_of_image>"))
     try:
-        return keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=has_vision_tokens)
+        return _gemma3_tokenizer(proto, has_vision_tokens)
     except ValueError as error:  # e.g. no "<bos>" piece: not a Gemma vocabulary
         raise UserError(f"{path}: not a Gemma 3 vocabulary: {str(error).splitlines()[0]}") from None
 
@@ -303,13 +339,14 @@ def gguf_tokenizer(path):
     id each, and whitespace-run pieces stored with literal spaces (ids 138-167)
     are respelled with SentencePiece's `▁`. `export_gguf` inverts each rule.
     Vision tokens are enabled when the vocabulary has `<img>`,
-    `<start_of_image>` and `<end_of_image>` (Gemma 3's does).
+    `<start_of_image>` and `<end_of_image>` (Gemma 3's does). For a quantized
+    GGUF the SentencePiece model is cached beside its weights.
 
     Args:
         path: a GGUF with a SentencePiece (`llama`) tokenizer.
     """
     with read_gguf(path) as gguf_file:
-        return _tokenizer_from_metadata(gguf_file.metadata, gguf_file.path)
+        return _tokenizer(gguf_file, _cache_digest(gguf_file))
 
 
 # --------------------------------------------------------------------------
@@ -432,59 +469,120 @@ def _to_gguf(array, kind):
 # Import
 
 
-def _assign(variable, value, name):
-    import keras
+def _initialize(variable, value, name, copy=False):
+    """Initializes a deferred `variable` to the float32 numpy `value`.
 
-    if not isinstance(variable, keras.Variable):
-        raise TypeError(f"{name}: expected a plain keras Variable (is LoRA already enabled?), got {type(variable)}")
-    variable.assign(value)  # keeps the variable's layout under the active distribution
+    Args:
+        variable: a variable of a `_deferred_backbone`.
+        value: its float32 value in keras layout.
+        name: the GGUF tensor name, for errors.
+        copy: copy `value` even on CPU, where JAX otherwise adopts a suitably
+            aligned numpy buffer as is (even with `device_put(may_alias=False)`):
+            a variable must not live in the cache's read-only mapping, which a
+            training step donating its buffer would write to.
+    """
+    import jax.numpy as jnp
+    from keras import ops
+
+    if tuple(value.shape) != tuple(variable.shape):
+        raise ValueError(f"{name}: value shape {value.shape} does not match the variable's {variable.shape}")
+    if copy:
+        value = jnp.array(value, copy=True)  # one copy, from the mapping into a JAX buffer
+    # As `Variable.assign` converts: float32 onto the device, then cast there; the
+    # variable's layout (active distribution) is applied by `compat.initialize_deferred_variable`.
+    compat.initialize_deferred_variable(variable, ops.convert_to_tensor(value, dtype=variable.dtype))
 
 
-def _assign_weights(backbone, gguf_file, norm_offset):
-    """Assigns every backbone variable from the GGUF or its cache; returns which ("gguf"/"cache")."""
+def _load_weights(backbone, gguf_file, digest, norm_offset):
+    """Initializes every (deferred) backbone variable from the GGUF or its cache; returns "gguf" or "cache".
+
+    Args:
+        backbone: a `Gemma3Backbone` built with deferred variables.
+        gguf_file: the open `GGUFFile`.
+        digest: the GGUF's sha256 if its conversion is cached (quantized), else None.
+        norm_offset: subtracted from every norm scale (llama.cpp's +1).
+    """
     entries = _tensor_map(backbone)
     shapes = {name: tuple(getattr(layer, attr).shape) for name, layer, attr, _ in entries}
     # llama.cpp stores norm scales plus 1; subtract in float32, before any cast to a
     # lower-precision variable dtype (in bfloat16, 1 + s keeps far fewer bits of s).
     offset = np.float32(norm_offset)
-    # Only quantized files are cached: F32/F16/BF16 tensors convert as fast as the
-    # cache reads, and a float32 copy of an F16 file would double its size on disk.
-    quantized = any(info.type_name not in _FLOAT_TYPES for info in gguf_file.tensors.values())
-    if quantized:
-        digest = gguf_cache.file_sha256(gguf_file.path)
-        cache_path = gguf_cache.cache_path(digest)
+    cache_path = gguf_cache.cache_path(digest) if digest is not None else None
+    if cache_path is not None:
         cached = gguf_cache.open_cache(cache_path, digest, shapes)
         if cached is not None:
             for name, layer, attr, kind in entries:
-                # A private copy: `jax.device_put` (used under a distribution) may alias
-                # host memory, and the weights must not live in a file that can change.
-                value = cached[name] - offset if kind == "norm" else np.array(cached[name])
-                _assign(getattr(layer, attr), value, name)
+                if kind == "norm":  # a new array
+                    _initialize(getattr(layer, attr), cached[name] - offset, name)
+                else:  # a view of the memory-mapped file
+                    _initialize(getattr(layer, attr), cached[name], name, copy=True)
             return "cache"
-    writer = gguf_cache.CacheWriter(cache_path, digest, shapes) if quantized else None
-    try:
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if cache_path is not None:  # written beside the load, renamed into place at the end
+            writer = stack.enter_context(gguf_cache.CacheWriter(cache_path, digest, shapes))
         for name, layer, attr, kind in entries:
-            variable = getattr(layer, attr)
-            value = _to_keras(gguf_file.tensor(name), kind, tuple(variable.shape))
+            value = _to_keras(gguf_file.tensor(name), kind, shapes[name])
             if writer is not None:
                 writer.add(name, value)  # the cache keeps the GGUF's own values
-            _assign(variable, value - offset if kind == "norm" else value, name)
-        if writer is not None:
-            writer.commit()
-    finally:
-        if writer is not None:
-            writer.abort()
+            _initialize(getattr(layer, attr), value - offset if kind == "norm" else value, name)
     return "gguf"
+
+
+def _deferred_backbone(kwargs, dtype):
+    """A `Gemma3Backbone` whose variables have shapes, layouts-to-be and no values yet.
+
+    keras-hub would otherwise run every random initializer (4-7 s for the 270M)
+    only for `_load_weights` to overwrite the result.
+
+    Returns:
+        (backbone, its variables in creation order).
+    """
+    import keras
+    import keras_hub
+
+    from keras_tune import compat
+
+    # Keras queues deferred variables globally and initializes the queue when the
+    # next outermost StatelessScope closes; keep the caller's queue apart so that
+    # ours is exactly this backbone's variables, and never initialized by accident.
+    pending = list(compat.keras_global_attribute("uninitialized_variables", []) or [])
+    compat.set_keras_global_attribute("uninitialized_variables", [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            backbone = keras_hub.models.Gemma3Backbone(**kwargs, dtype=dtype)
+        created = list(compat.keras_global_attribute("uninitialized_variables", []) or [])
+    finally:
+        compat.set_keras_global_attribute("uninitialized_variables", pending)
+    return backbone, created
+
+
+def _initialize_leftovers(variables):
+    """Runs the initializers of deferred variables no GGUF tensor covered (none in keras-hub 0.32)."""
+    import keras
+
+    from keras_tune import compat
+
+    if not variables:
+        return
+    pending = list(compat.keras_global_attribute("uninitialized_variables", []) or [])
+    compat.set_keras_global_attribute("uninitialized_variables", list(variables))
+    try:
+        with keras.StatelessScope():
+            pass  # leaving the outermost StatelessScope initializes the queue
+    finally:
+        compat.set_keras_global_attribute("uninitialized_variables", pending)
 
 
 def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_norm_offset=True):
     """Builds a keras-hub `Gemma3CausalLM` from a Gemma 3 text GGUF, offline.
 
-    The backbone is created inside whatever keras distribution is active, so its
-    layout applies; weights are then assigned variable by variable. Any GGUF type
-    `gguf` can dequantize works (F32, F16, BF16, Q8_0, Q4_K, Q6_K, ...). For a
-    quantized file the float32 conversion is cached under `cache_dir() / "gguf"`,
-    keyed by the file's sha256.
+    The backbone is created with deferred variables (no random initialization),
+    and each variable's first value is the GGUF's weight, placed with the layout
+    of whatever keras distribution is active. Any GGUF type `gguf` can dequantize
+    works (F32, F16, BF16, Q8_0, Q4_K, Q6_K, ...). For a quantized file the float32
+    conversion and the tokenizer are cached under `cache_dir() / "gguf"`, keyed by
+    the file's sha256.
 
     Args:
         path: a Gemma 3 text GGUF (e.g. `registry_gguf_path()`).
@@ -506,9 +604,13 @@ def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_nor
     with read_gguf(path) as gguf_file:
         kwargs = _backbone_kwargs(gguf_file)
         _check_tensors(gguf_file, kwargs)
-        tokenizer = _tokenizer_from_metadata(gguf_file.metadata, gguf_file.path)
-        backbone = keras_hub.models.Gemma3Backbone(**kwargs, dtype=dtype)
-        source = _assign_weights(backbone, gguf_file, norm_offset=1.0 if _subtract_norm_offset else 0.0)
+        digest = _cache_digest(gguf_file)
+        tokenizer = _tokenizer(gguf_file, digest)
+        backbone, created = _deferred_backbone(kwargs, dtype)
+        norm_offset = 1.0 if _subtract_norm_offset else 0.0
+        source = _load_weights(backbone, gguf_file, digest, norm_offset)
+    loaded = {id(getattr(layer, attr)) for _, layer, attr, _ in _tensor_map(backbone)}
+    _initialize_leftovers([v for v in created if id(v) not in loaded])
     preprocessor_kwargs = {} if sequence_length is None else {"sequence_length": sequence_length}
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
         tokenizer=tokenizer, image_converter=None, **preprocessor_kwargs
@@ -579,14 +681,60 @@ def _vocabulary_metadata(tokenizer):
     return pieces, scores, types, ids, proto.normalizer_spec.add_dummy_prefix
 
 
+def _write_architecture(writer, backbone, name, context_length, dtype):
+    """The `gemma3.*` and `general.*` metadata llama.cpp reads to build the model."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_type("model")
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(backbone.hidden_dim)
+    writer.add_block_count(backbone.num_layers)
+    writer.add_feed_forward_length(backbone.intermediate_dim)
+    writer.add_head_count(backbone.num_query_heads)
+    writer.add_head_count_kv(backbone.num_key_value_heads)
+    writer.add_key_length(backbone.head_dim)
+    writer.add_value_length(backbone.head_dim)
+    writer.add_layer_norm_rms_eps(backbone.layer_norm_epsilon)
+    writer.add_rope_freq_base(GLOBAL_ROPE_BASE)
+    writer.add_rope_freq_base_swa(LOCAL_ROPE_BASE)
+    if backbone.global_rope_scaling_factor != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(backbone.global_rope_scaling_factor)
+    # Without sliding attention, a window as long as the context is equivalent.
+    window = backbone.sliding_window_size if backbone.use_sliding_window_attention else context_length
+    writer.add_sliding_window(window)
+    if backbone.final_logit_soft_cap is not None:
+        writer.add_final_logit_softcapping(backbone.final_logit_soft_cap)
+    file_type = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_vocabulary(writer, pieces, scores, types, ids, add_space_prefix):
+    """The `tokenizer.ggml.*` metadata: SentencePiece pieces, scores, types and special ids."""
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_eos_token_id(ids["eos"])
+    writer.add_unk_token_id(ids["unk"])
+    writer.add_pad_token_id(ids["pad"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(add_space_prefix)
+
+
 def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None):
     """Writes a `Gemma3CausalLM` as a llama.cpp `gemma3` GGUF (F32 or F16).
 
     LoRA is merged on the way out: keras' `EinsumDense.kernel` returns
     `W + (alpha / rank) * A @ B` while LoRA is enabled, and that is what is written.
     Norm scales get llama.cpp's +1; shapes are written in GGUF order; 1-D tensors
-    stay F32 in an F16 file, as llama.cpp's converter does. The file is written to
-    a temporary name and renamed, so `path` is never half-written.
+    stay F32 in an F16 file, as llama.cpp's converter does. The file is written
+    with `rundir.atomic_write`, so `path` is never half-written.
 
     Args:
         causal_lm: a keras-hub `Gemma3CausalLM` with its preprocessor (tokenizer).
@@ -610,48 +758,10 @@ def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None)
     path = Path(path)
     if context_length is None:
         context_length = 32768 if backbone.num_layers <= 26 else 131072
-    partial = path.with_name(f"{path.name}.tmp{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(partial, ARCHITECTURE)
-    try:
-        writer.add_name(name or path.stem)
-        writer.add_type("model")
-        writer.add_context_length(context_length)
-        writer.add_embedding_length(backbone.hidden_dim)
-        writer.add_block_count(backbone.num_layers)
-        writer.add_feed_forward_length(backbone.intermediate_dim)
-        writer.add_head_count(backbone.num_query_heads)
-        writer.add_head_count_kv(backbone.num_key_value_heads)
-        writer.add_key_length(backbone.head_dim)
-        writer.add_value_length(backbone.head_dim)
-        writer.add_layer_norm_rms_eps(backbone.layer_norm_epsilon)
-        writer.add_rope_freq_base(GLOBAL_ROPE_BASE)
-        writer.add_rope_freq_base_swa(LOCAL_ROPE_BASE)
-        if backbone.global_rope_scaling_factor != 1.0:
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(backbone.global_rope_scaling_factor)
-        # Without sliding attention, a window as long as the context is equivalent.
-        window = backbone.sliding_window_size if backbone.use_sliding_window_attention else context_length
-        writer.add_sliding_window(window)
-        if backbone.final_logit_soft_cap is not None:
-            writer.add_final_logit_softcapping(backbone.final_logit_soft_cap)
-        file_type = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(pieces)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_bos_token_id(ids["bos"])
-        writer.add_eos_token_id(ids["eos"])
-        writer.add_unk_token_id(ids["unk"])
-        writer.add_pad_token_id(ids["pad"])
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(add_space_prefix)
-
+    with atomic_write(path) as partial, contextlib.closing(gguf.GGUFWriter(partial, ARCHITECTURE)) as writer:
+        _write_architecture(writer, backbone, name or path.stem, context_length, dtype)
+        _write_vocabulary(writer, pieces, scores, types, ids, add_space_prefix)
         for tensor_name, layer, attr, kind in _tensor_map(backbone):
             value = np.asarray(ops.convert_to_numpy(getattr(layer, attr)), dtype=np.float32)
             if kind == "norm":
@@ -665,9 +775,4 @@ def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, path)
-    finally:
-        writer.close()
-        partial.unlink(missing_ok=True)
     return path

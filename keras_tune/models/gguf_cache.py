@@ -1,36 +1,42 @@
-"""On-disk cache of converted GGUF weights, keyed by the GGUF's content hash.
+"""On-disk cache of converted GGUF weights and tokenizers, keyed by the GGUF's content hash.
 
-One cache file per GGUF: `cache_dir()/gguf/<sha256[:32]>-v<FORMAT>.bin`. It is a
-small JSON header followed by raw float32 arrays (keras layout), so a cached load
-memory-maps the file and copies each array once before `variable.assign` (about
-0.5 s for the 1.07 GB of Gemma 3 270M, against 2 s for an `.npz` that is read and
-CRC-checked entry by entry). Only quantized GGUFs are cached (see
-`gguf._assign_weights`).
+Per GGUF, under `cache_dir()/gguf/`: `<sha256[:32]>-v<FORMAT>.bin`, the float32
+weights, and `<sha256[:32]>-tokenizer-v<TOKENIZER_FORMAT>.model`, the SentencePiece
+model rebuilt from its vocabulary (0.5 s to rebuild from the metadata). Only
+quantized GGUFs are cached (see `gguf._load_weights`).
+
+The weights file is a small JSON header followed by raw float32 arrays (keras
+layout), so a cached load memory-maps it and copies each array once, straight
+into the variable's device buffer.
 
 Layout: `KTGGUFW1` magic (8 bytes), header length (uint64 little-endian), the
 header (JSON: sha256, format, entries {name: [offset, shape]}, total size), zero
 padding to 64 bytes, then the arrays at their offsets, each 64-byte aligned.
 
-Safety: the file is written under a temporary name and renamed into place, so a
-crash never leaves a half-written file under the final name. On reading, a wrong
-magic, an unparsable header, a different sha256, format or set of shapes, or a
-file size other than the header's total makes the loader rebuild the cache.
+Safety: every file is written with `rundir.atomic_write`, so a crash never leaves
+a half-written file under the final name. On reading, a wrong magic, an
+unparsable header, a different sha256, format or set of shapes, or a file size
+other than the header's total makes the loader rebuild the weights cache; a
+tokenizer file SentencePiece cannot parse is rebuilt too.
 """
 
 import hashlib
 import json
 import logging
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from keras_tune.models.tiny import cache_dir
+from keras_tune.models.cache import cache_dir
+from keras_tune.rundir import atomic_write
+from keras_tune.rundir import write_text
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
+# Bump when `gguf._sentencepiece_proto` changes what it builds from the same GGUF.
+TOKENIZER_FORMAT = 1
 _MAGIC = b"KTGGUFW1"
 _ALIGN = 64
 
@@ -44,13 +50,6 @@ def _align(n):
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _atomic_write_text(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def file_sha256(path):
     """sha256 of a file's bytes, memoized per (path, size, mtime, inode).
 
@@ -59,6 +58,9 @@ def file_sha256(path):
     costs about 1 s per GB, so the digest is remembered under
     `gguf_cache_dir()/digests/` and recomputed only when the file's size, mtime or
     inode changes.
+
+    Args:
+        path: the file to hash.
     """
     path = Path(path).resolve()
     stat = path.stat()
@@ -75,15 +77,65 @@ def file_sha256(path):
         while block := handle.read(8 << 20):
             digest.update(block)
     try:
-        _atomic_write_text(memo, json.dumps({**signature, "sha256": digest.hexdigest()}))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text(memo, json.dumps({**signature, "sha256": digest.hexdigest()}))
     except OSError as error:  # a read-only cache only costs the hash next time
         logger.warning("could not write %s: %s", memo, error)
     return digest.hexdigest()
 
 
 def cache_path(digest):
-    """Cache file for the GGUF whose sha256 is `digest`."""
+    """Weights cache file for the GGUF whose sha256 is `digest`.
+
+    Args:
+        digest: the GGUF's sha256 (hex).
+    """
     return gguf_cache_dir() / f"{digest[:32]}-v{FORMAT}.bin"
+
+
+def tokenizer_path(digest):
+    """Cached SentencePiece model for the GGUF whose sha256 is `digest`.
+
+    Args:
+        digest: the GGUF's sha256 (hex).
+    """
+    return gguf_cache_dir() / f"{digest[:32]}-tokenizer-v{TOKENIZER_FORMAT}.model"
+
+
+def read_tokenizer(digest):
+    """The cached serialized SentencePiece model of a GGUF, or None if absent or unparsable.
+
+    Args:
+        digest: the GGUF's sha256 (hex).
+    """
+    import sentencepiece
+
+    path = tokenizer_path(digest)
+    try:
+        proto = path.read_bytes()
+        sentencepiece.SentencePieceProcessor(model_proto=proto)  # 0.05 s: catches a damaged file
+    except FileNotFoundError:
+        return None
+    except (OSError, RuntimeError) as error:
+        logger.warning("unreadable tokenizer cache %s (%s): rebuilding", path, error)
+        return None
+    return proto
+
+
+def write_tokenizer(digest, proto):
+    """Caches a GGUF's serialized SentencePiece model; a failure to write only warns.
+
+    Args:
+        digest: the GGUF's sha256 (hex).
+        proto: the serialized `ModelProto`.
+    """
+    path = tokenizer_path(digest)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as partial:
+            Path(partial).write_bytes(proto)
+    except OSError as error:
+        logger.warning("not caching the GGUF tokenizer (%s)", error)
 
 
 def _layout(shapes):
@@ -137,57 +189,90 @@ def open_cache(path, digest, shapes):
     return arrays
 
 
-class CacheWriter:
-    """Streams float32 arrays into `<path>.tmp<pid>`; `commit()` renames it into place.
+class _Abandoned(Exception):
+    """Thrown into `atomic_write` to make it delete the partial file instead of renaming it."""
 
-    Any OSError (read-only cache, disk full) turns the writer off with a warning:
-    loading goes on, only uncached.
+
+class CacheWriter:
+    """Context manager streaming float32 arrays into a new cache file.
+
+    The file is written under `atomic_write`'s temporary name and renamed onto
+    `path` when the `with` block completes without an exception; otherwise it is
+    deleted. Any OSError (read-only cache, disk full) turns the writer off with a
+    warning: loading goes on, only uncached.
+
+    Args:
+        path: the cache file (`cache_path(digest)`).
+        digest: sha256 of the GGUF the arrays come from.
+        shapes: ordered {name: keras shape} of the arrays to be added.
+
+    Example:
+
+    ```python
+    with CacheWriter(cache_path(digest), digest, shapes) as writer:
+        for name, array in arrays.items():
+            writer.add(name, array)
+    ```
     """
 
     def __init__(self, path, digest, shapes):
         self.path = Path(path)
-        self.partial = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
         self.entries, self.data_size = _layout(shapes)
-        self.handle = None
-        header = json.dumps({"sha256": digest, "format": FORMAT, "entries": self.entries}).encode()
-        self.data_start = _align(16 + len(header))
+        self._header = json.dumps({"sha256": digest, "format": FORMAT, "entries": self.entries}).encode()
+        self.data_start = _align(16 + len(self._header))
+        self._atomic = None
+        self._handle = None
+
+    def __enter__(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.partial, "wb")
-            self.handle.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+            self._atomic = atomic_write(self.path)
+            self._handle = open(self._atomic.__enter__(), "wb")
+            self._handle.write(_MAGIC + struct.pack("<Q", len(self._header)) + self._header)
         except OSError as error:
             self._give_up(error)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None and self._handle is not None:
+            try:
+                self._handle.truncate(self.data_start + self.data_size)
+                self._handle.close()
+                self._handle = None
+                self._atomic.__exit__(None, None, None)  # renames onto `path`
+                self._atomic = None
+            except OSError as error:
+                self._give_up(error)
+        self._discard()
+        return False
 
     def _give_up(self, error):
         logger.warning("not caching the converted GGUF (%s)", error)
-        self.abort()
+        self._discard()
+
+    def _discard(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._atomic is not None:
+            atomic, self._atomic = self._atomic, None
+            atomic.__exit__(_Abandoned, _Abandoned(), None)  # deletes the partial file
 
     def add(self, name, array):
-        if self.handle is None:
+        """Writes one array at its place in the file.
+
+        Args:
+            name: a name from `shapes`.
+            array: its float32 value, in that shape.
+        """
+        if self._handle is None:
             return
         offset, shape = self.entries[name]
         array = np.ascontiguousarray(array, dtype=np.float32)
         if list(array.shape) != shape:
             raise ValueError(f"{name}: shape {array.shape} does not match the cache layout {shape}")
         try:
-            self.handle.seek(self.data_start + offset)
-            self.handle.write(memoryview(array).cast("B"))
+            self._handle.seek(self.data_start + offset)
+            self._handle.write(memoryview(array).cast("B"))
         except OSError as error:
             self._give_up(error)
-
-    def commit(self):
-        if self.handle is None:
-            return
-        try:
-            self.handle.truncate(self.data_start + self.data_size)
-            self.handle.close()
-            self.handle = None
-            os.replace(self.partial, self.path)
-        except OSError as error:
-            self._give_up(error)
-
-    def abort(self):
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-        self.partial.unlink(missing_ok=True)

@@ -135,9 +135,11 @@ def dequantizable_types():
     """Names of the ggml tensor types `gguf.quants.dequantize` can decode."""
     import gguf
 
+    from keras_tune import compat
+
     names = ["F32", "F16"]
     for qtype in gguf.GGMLQuantizationType:
-        if qtype in gguf.quants._type_traits:  # the registry of implemented (de)quantizers
+        if compat.gguf_dequantizable(qtype):
             names.append(qtype.name)
     return names
 

@@ -11,20 +11,14 @@ exactly as they do with a real Gemma vocabulary. Byte fallback means any text
 
 import hashlib
 import io
-import os
 from importlib import resources
 from pathlib import Path
 
+from keras_tune.models.cache import cache_dir
+from keras_tune.rundir import atomic_write
+
 TINY_VOCABULARY_SIZE = 1024
 CHAT_TOKENS = ("<start_of_turn>", "<end_of_turn>")
-
-
-def cache_dir():
-    """Root of keras_tune's on-disk cache (`$KERAS_TUNE_CACHE` or `~/.cache/keras_tune`)."""
-    root = os.environ.get("KERAS_TUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras_tune"
-    )
-    return Path(root)
 
 
 def _corpus_text():
@@ -84,9 +78,8 @@ def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE):
     )
     proto = model.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".tmp{os.getpid()}")
-    partial.write_bytes(proto)
-    os.replace(partial, path)  # atomic: readers see the old file or the whole new one
+    with atomic_write(path) as partial:  # readers see the old file or the whole new one
+        Path(partial).write_bytes(proto)
     return proto
 
 
