@@ -17,11 +17,12 @@ keras_tune.save_adapter(causal_lm, "run/adapter.npz", preset="gemma_tiny")
 
 import json
 import math
-import os
 
 import numpy as np
 
+from keras_tune import compat
 from keras_tune.errors import UserError
+from keras_tune.rundir import atomic_write
 
 ADAPTER_FORMAT = "keras_tune.lora/1"
 _METADATA_KEY = "__keras_tune_metadata__"
@@ -31,10 +32,19 @@ def _backbone(model):
     return getattr(model, "backbone", model)
 
 
+def _weighted_sublayers(backbone):
+    # keras-hub's `Backbone.enable_lora`/`save_lora_weights`/`load_lora_weights`
+    # identify a LoRA layer by its index in exactly this list.
+    return [layer for layer in compat.sublayers(backbone) if layer.weights]
+
+
 def apply_lora(model, rank, targets=("query", "value"), alpha=0.0):
     """Freezes the base weights and adds rank-`rank` adapters to the named layers.
 
-    `rank=0` means full fine-tuning: every weight stays trainable.
+    `rank=0` means full fine-tuning: every weight stays trainable. The layers are
+    registered as keras-hub's `Backbone.enable_lora` registers them, so
+    `backbone.save_lora_weights(path)` / `load_lora_weights(path)` work too
+    (those `.lora.h5` files carry no alpha; keras_tune's `.npz` adapter does).
 
     Args:
         model: a keras-hub CausalLM or Backbone.
@@ -52,19 +62,33 @@ def apply_lora(model, rank, targets=("query", "value"), alpha=0.0):
         backbone.trainable = True
         return []
     backbone.trainable = True
-    for layer in backbone._flatten_layers(include_self=False):
+    for layer in compat.sublayers(backbone):
         layer.trainable = False
-    adapted = []
-    for layer in backbone._flatten_layers(include_self=False):
-        if layer.name in targets and hasattr(layer, "enable_lora") and layer.weights:
+    adapted, indices = [], []
+    for index, layer in enumerate(_weighted_sublayers(backbone)):
+        if layer.name in targets and hasattr(layer, "enable_lora"):
             layer.trainable = True
             layer.enable_lora(rank, lora_alpha=alpha or rank)
+            if getattr(layer, "bias", None) is not None:  # Keras leaves it trainable; adapters hold A and B only
+                layer.bias.trainable = False
             adapted.append(layer.path)
+            indices.append(index)
     if not adapted:
         raise UserError(f"--lora-targets {','.join(targets)}: no layer of this model has those names")
-    # keras-hub's save/load_lora_weights read these.
-    backbone._lora_rank = rank
+    compat.set_kerashub_lora_state(backbone, indices, rank)
     return adapted
+
+
+def count_parameters(variables):
+    """Total number of elements in `variables` (shapes only; values are never read).
+
+    Args:
+        variables: Keras variables, or anything with a `.shape`.
+
+    Returns:
+        An int.
+    """
+    return sum(math.prod(variable.shape) for variable in variables)
 
 
 def trainable_report(model):
@@ -77,8 +101,8 @@ def trainable_report(model):
         A dict with `trainable`, `total` and `fraction`.
     """
     backbone = _backbone(model)
-    trainable = sum(math.prod(v.shape) for v in backbone.trainable_weights)
-    total = sum(math.prod(v.shape) for v in backbone.weights)
+    trainable = count_parameters(backbone.trainable_weights)
+    total = count_parameters(backbone.weights)
     return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}
 
 
@@ -93,7 +117,7 @@ def format_report(report):
 def _lora_layers(model):
     return [
         layer
-        for layer in _backbone(model)._flatten_layers(include_self=False)
+        for layer in compat.sublayers(_backbone(model))
         if getattr(layer, "lora_enabled", False)
     ]
 
@@ -128,9 +152,8 @@ def save_adapter(model, path, preset):
         v.path: np.asarray(v.numpy()) for layer in _lora_layers(model) for v in (layer.lora_kernel_a, layer.lora_kernel_b)
     }
     arrays[_METADATA_KEY] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
-    partial = f"{path}.partial-{os.getpid()}.npz"
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+    with atomic_write(path, suffix=".npz") as partial:  # np.savez adds .npz to names without it
+        np.savez(partial, **arrays)
     return metadata
 
 
@@ -193,6 +216,6 @@ def merge_lora(model):
     """
     for layer in _lora_layers(model):
         merged = layer.kernel  # keras returns the kernel with the LoRA update added
-        layer._kernel.assign(merged)
+        compat.base_kernel(layer).assign(merged)
         layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, layer.lora_kernel_b.dtype))
     return model

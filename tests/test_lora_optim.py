@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 
+from keras_tune import compat
 from keras_tune import config as config_lib
 from keras_tune.errors import UserError
-from keras_tune.lora import apply_lora, load_adapter, merge_lora, save_adapter, trainable_report
+from keras_tune.lora import apply_lora, count_parameters, load_adapter, merge_lora, save_adapter, trainable_report
 from keras_tune.models.loader import load_causal_lm
 from keras_tune.optim import WarmupDecay, build_optimizer
 
@@ -37,6 +38,8 @@ def test_lora_freezes_everything_but_the_adapters():
     assert {p.split("/")[-2] for p in paths} == {"query", "value", "ffw_linear"}
     report = trainable_report(causal_lm)
     assert report["trainable"] == sum(int(np.prod(v.shape)) for v in causal_lm.backbone.trainable_weights)
+    assert report["total"] == count_parameters(causal_lm.backbone.weights) > report["trainable"]
+    assert count_parameters([]) == 0
 
 
 def test_rank_zero_is_full_fine_tuning():
@@ -80,7 +83,7 @@ def test_merged_model_matches_base_plus_lora():
     merge_lora(causal_lm)
     np.testing.assert_allclose(_logits(causal_lm), expected, rtol=1e-5, atol=1e-5)
     # The adapters no longer contribute: changing A leaves the output alone.
-    for layer in causal_lm.backbone._flatten_layers():
+    for layer in compat.sublayers(causal_lm.backbone):
         if getattr(layer, "lora_enabled", False):
             layer.lora_kernel_a.assign(np.ones(layer.lora_kernel_a.shape, "float32"))
     np.testing.assert_allclose(_logits(causal_lm), expected, rtol=1e-5, atol=1e-5)
