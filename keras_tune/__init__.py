@@ -6,10 +6,9 @@ The public API, in the order of the training path:
 import keras, keras_tune
 
 config = keras_tune.load_config("gemma_tiny", overrides={"distribution.mesh": "2x4"})
-plan = keras_tune.plan_sharding(config, keras_tune.abstract_model(config).weights)
-keras.distribution.set_distribution(plan.distribution())
-causal_lm = keras_tune.load_causal_lm(config)
-keras_tune.apply_lora(causal_lm, config.lora.rank, config.lora.targets)
+built = keras_tune.build_model(config, lora=True)   # planned, sharded, LoRA on
+causal_lm = built.causal_lm
+print(built.plan.table())
 data = keras_tune.make_datasets(config.data, causal_lm.preprocessor.tokenizer)
 optimizer = keras_tune.build_optimizer(config.optimizer, total_steps=100)
 # ... or all of it at once, as the CLI does:
@@ -25,6 +24,12 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+# Before anything imports TensorFlow or JAX: TensorFlow's and SentencePiece's
+# start-up logs off (TF_CPP_MIN_LOG_LEVEL=0 brings them back), TensorFlow on CPU only.
+from keras_tune.environment import quiet_start  # noqa: E402
+
+quiet_start()
+
 _EXPORTS = {
     "UserError": "keras_tune.errors",
     "load_config": "keras_tune.config",
@@ -37,6 +42,7 @@ _EXPORTS = {
     "plan_sharding": "keras_tune.distribution",
     "abstract_model": "keras_tune.models.loader",
     "load_causal_lm": "keras_tune.models.loader",
+    "build_model": "keras_tune.models.loader",
     "apply_lora": "keras_tune.lora",
     "trainable_report": "keras_tune.lora",
     "save_adapter": "keras_tune.lora",
@@ -45,6 +51,17 @@ _EXPORTS = {
     "build_optimizer": "keras_tune.optim",
     "make_datasets": "keras_tune.data",
     "evaluate_texts": "keras_tune.evaluate",
+    "generate_texts": "keras_tune.generation",
+    "make_sampler": "keras_tune.generation",
+    "chat_prompt": "keras_tune.generation",
+    "merge_and_export": "keras_tune.models.export",
+    "export_transformers": "keras_tune.models.export",
+    "save_peft_adapter": "keras_tune.peft",
+    "load_peft_adapter": "keras_tune.peft",
+    "read_peft_adapter": "keras_tune.peft",
+    "count_parameters": "keras_tune.lora",
+    "read_rows": "keras_tune.rundir",
+    "plot_losses": "keras_tune.rundir",
     "load_gguf_causal_lm": "keras_tune.models.gguf",
     "export_gguf": "keras_tune.models.gguf",
     "registry_gguf_path": "keras_tune.models.gguf",

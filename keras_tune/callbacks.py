@@ -1,4 +1,4 @@
-"""Training-time reporting as Keras callbacks, and the pictures a run leaves.
+"""Training-time reporting as Keras callbacks (and nothing else).
 
 `keras_tune.fit.run` hands these to keras `fit`, in this order (each reads what
 the ones before it wrote into the same `logs` dict):
@@ -15,15 +15,9 @@ the ones before it wrote into the same `logs` dict):
 - `Checkpoints`: Orbax checkpoints every `--save-every` steps and at the end
   (`keras_tune.checkpoint`).
 
-`plot_losses` draws `loss.png` from `metrics.csv`.
-
-MFU ("model FLOPs utilization") counts the FLOPs the model needs, not what the
-hardware ran: per token `4 N + 2 N_trainable` for the dense layers (forward,
-gradient with respect to activations, and weight gradients only where weights
-train: 6 N for full fine-tuning, as in PaLM's definition) plus
-`12 * layers * seq_len * heads * head_dim` for attention (no causal or sliding
-window discount, so an upper bound there), divided by the peak dense bf16 FLOP/s
-of the devices (`PEAK_TFLOPS`, or `--peak-tflops` per device).
+The files they write are `keras_tune.rundir`'s; FLOP counting and MFU are
+`keras_tune.flops`'s; the token counts they read come from
+`keras_tune.metrics.TokenCount`.
 
 Example:
 
@@ -31,126 +25,23 @@ Example:
 progress = Progress(total_steps=100)
 callbacks = [StepTracker(progress), Throughput(flops_per_token=6 * 2.5e9), MetricsLog(progress, "run")]
 causal_lm.fit(data.train.repeat(), steps_per_epoch=100, callbacks=callbacks)
-plot_losses("run/metrics.csv", "run/loss.png")
 ```
 """
 
-import csv
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 
 import keras
 
+from keras_tune import rundir
+from keras_tune.errors import Preempted
 
-# Dense bf16 peak TFLOP/s of one JAX device (a TPU v2/v3 device is one core, half
-# a chip; v4 and later expose one device a chip). First match on device_kind wins.
-PEAK_TFLOPS = (
-    (r"TPU v2", 22.5),
-    (r"TPU v3", 61.5),
-    (r"TPU v4", 275.0),
-    (r"TPU v5 ?(lite|e)", 197.0),
-    (r"TPU v5", 459.0),  # v5p
-    (r"TPU v6", 918.0),  # v6e (Trillium)
-    (r"H100.*PCIe", 756.0),
-    (r"H100|H200|GH200", 989.0),
-    (r"A100", 312.0),
-    (r"L40S", 362.0),
-    (r"\bL4\b", 121.0),
-    (r"\bT4\b", 65.0),  # float16: a T4 has no bfloat16 units
-    (r"V100", 125.0),  # float16
-)
-
-CSV_COLUMNS = (
-    "step",
-    "loss",
-    "learning_rate",
-    "step_time_s",
-    "tokens_per_s",
-    "non_pad_tokens_per_s",
-    "mfu",
-    "val_loss",
-    "val_perplexity",
-    "val_accuracy",
-)
 # Keras log keys -> metrics.csv columns for validation.
 _VALIDATION_KEYS = {"val_loss": "val_loss", "val_perplexity": "val_perplexity", "val_accuracy": "val_accuracy"}
 _COUNT_KEYS = ("tokens", "non_pad_tokens")
-
-
-def is_primary():
-    """Whether this process writes the run directory (process 0 of a multi-host run)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-def peak_tflops_per_device(device_kind):
-    """Dense bf16 peak TFLOP/s of a device from its `device_kind`, or 0.0 if unknown.
-
-    Args:
-        device_kind: `jax.devices()[0].device_kind`, e.g. "TPU v4" or "NVIDIA H100 80GB HBM3".
-    """
-    for pattern, tflops in PEAK_TFLOPS:
-        if re.search(pattern, device_kind or "", flags=re.IGNORECASE):
-            return tflops
-    return 0.0
-
-
-def flops_per_token(total_params, trainable_params, num_layers, attention_width, seq_len):
-    """Training FLOPs per token: dense layers plus attention (see the module docstring).
-
-    Args:
-        total_params: every parameter of the model (tied embeddings count once:
-            they are the output projection).
-        trainable_params: parameters that receive weight gradients.
-        num_layers: transformer blocks.
-        attention_width: query heads times head dimension.
-        seq_len: tokens per sequence.
-    """
-    dense = 4 * total_params + 2 * trainable_params
-    attention = 12 * num_layers * seq_len * attention_width
-    return float(dense + attention)
-
-
-def model_flops_per_token(backbone, seq_len):
-    """`flops_per_token` for a keras-hub Gemma backbone."""
-    total = sum(math.prod(v.shape) for v in backbone.weights)
-    trainable = sum(math.prod(v.shape) for v in backbone.trainable_weights)
-    width = int(getattr(backbone, "num_query_heads", 0)) * int(getattr(backbone, "head_dim", 0))
-    return flops_per_token(total, trainable, int(getattr(backbone, "num_layers", 0)), width, seq_len)
-
-
-@keras.saving.register_keras_serializable(package="keras_tune")
-class TokenCount(keras.metrics.Metric):
-    """Counts target positions in the batches seen since the last reset.
-
-    Args:
-        pad_token_id: with `non_pad=True`, targets equal to it are not counted.
-        non_pad: count only targets that are not padding.
-    """
-
-    def __init__(self, pad_token_id=0, non_pad=False, name=None, **kwargs):
-        super().__init__(name=name or ("non_pad_tokens" if non_pad else "tokens"), **kwargs)
-        self.pad_token_id = int(pad_token_id)
-        self.non_pad = bool(non_pad)
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
-
-    def update_state(self, y_true, y_pred=None, sample_weight=None):
-        if self.non_pad:
-            counted = keras.ops.sum(keras.ops.cast(keras.ops.not_equal(y_true, self.pad_token_id), "float32"))
-        else:
-            counted = keras.ops.cast(keras.ops.size(y_true), "float32")
-        self.count.assign_add(counted)
-
-    def result(self):
-        return keras.ops.convert_to_tensor(self.count)
-
-    def get_config(self):
-        return {**super().get_config(), "pad_token_id": self.pad_token_id, "non_pad": self.non_pad}
 
 
 @dataclasses.dataclass
@@ -303,80 +194,6 @@ def learning_rate_at(rate):
     return lambda step: float(rate)
 
 
-class _ScalarWriter:
-    """TensorBoard scalars through TensorFlow's core summary ops (no tensorboard package needed to write)."""
-
-    def __init__(self, directory):
-        self.writer = None
-        try:
-            import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
-        except ImportError:  # TensorBoard events are optional
-            return
-        self._tf = tf
-        self._metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-        )
-        self.writer = tf.summary.create_file_writer(directory)
-
-    def write(self, step, scalars):
-        if self.writer is None:
-            return
-        tf = self._tf
-        with self.writer.as_default():
-            for name, value in scalars.items():
-                if value is not None and value == value:
-                    tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step), metadata=self._metadata)
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-
-
-def _format(value):
-    if value is None or value == "":
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def append_rows(path, rows):
-    """Appends `rows` (dicts keyed by `CSV_COLUMNS`) to a metrics CSV, writing the header first if needed."""
-    fresh = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as file:
-        writer = csv.writer(file)
-        if fresh:
-            writer.writerow(CSV_COLUMNS)
-        for row in rows:
-            writer.writerow([_format(row.get(column)) for column in CSV_COLUMNS])
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def read_rows(path):
-    """Reads a metrics CSV into a list of dicts with float values (empty cells are None)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, newline="") as file:
-        for record in csv.DictReader(file):
-            rows.append({key: (float(value) if value not in ("", None) else None) for key, value in record.items()})
-    return rows
-
-
-def truncate_rows(path, last_step):
-    """Drops the rows after `last_step` (what a killed run logged past its checkpoint)."""
-    rows = read_rows(path)
-    kept = [row for row in rows if row["step"] is not None and row["step"] <= last_step]
-    if len(kept) == len(rows):
-        return
-    partial = f"{path}.partial-{os.getpid()}"
-    if os.path.exists(partial):
-        os.remove(partial)
-    append_rows(partial, [{k: (int(v) if k == "step" else v) for k, v in row.items()} for row in kept])
-    os.replace(partial, path)
-
-
 class MetricsLog(keras.callbacks.Callback):
     """Writes `metrics.csv` (a row a step) and TensorBoard scalars under `tensorboard/`.
 
@@ -400,8 +217,8 @@ class MetricsLog(keras.callbacks.Callback):
         self._scalars = None
 
     def on_train_begin(self, logs=None):
-        if is_primary() and self._scalars is None:
-            self._scalars = _ScalarWriter(self.tensorboard_dir)
+        if rundir.is_primary() and self._scalars is None:
+            self._scalars = rundir.ScalarWriter(self.tensorboard_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -427,9 +244,9 @@ class MetricsLog(keras.callbacks.Callback):
 
     def flush(self):
         rows, self._rows = self._rows, []
-        if not rows or not is_primary():
+        if not rows or not rundir.is_primary():
             return
-        append_rows(self.path, rows)
+        rundir.append_rows(self.path, rows)
         if self._scalars is not None:
             for row in rows:
                 self._scalars.write(row["step"], {
@@ -439,9 +256,7 @@ class MetricsLog(keras.callbacks.Callback):
                     "throughput/tokens_per_s": row.get("tokens_per_s"),
                     "throughput/non_pad_tokens_per_s": row.get("non_pad_tokens_per_s"),
                     "throughput/mfu": row.get("mfu"),
-                    "validation/loss": row.get("val_loss"),
-                    "validation/perplexity": row.get("val_perplexity"),
-                    "validation/accuracy": row.get("val_accuracy"),
+                    **rundir.validation_scalars(row),
                 })
 
     def on_train_end(self, logs=None):
@@ -449,44 +264,6 @@ class MetricsLog(keras.callbacks.Callback):
         if self._scalars is not None:
             self._scalars.close()
             self._scalars = None
-
-
-def log_evaluation(output_dir, step, results):
-    """Writes an evaluation outside `fit` (the one before training) as a metrics row and scalars."""
-    if not is_primary():
-        return
-    row = {"step": step, "val_loss": results.get("loss"), "val_perplexity": results.get("perplexity"),
-           "val_accuracy": results.get("accuracy")}
-    append_rows(os.path.join(output_dir, "metrics.csv"), [row])
-    scalars = _ScalarWriter(os.path.join(output_dir, "tensorboard"))
-    scalars.write(step, {"validation/loss": row["val_loss"], "validation/perplexity": row["val_perplexity"],
-                         "validation/accuracy": row["val_accuracy"]})
-    scalars.close()
-
-
-# ---------------------------------------------------------------------------
-# Samples.
-
-_SECTION = re.compile(r"^=== step (\d+)")
-
-
-def truncate_samples(path, last_step):
-    """Drops the sections of `samples.txt` written after `last_step` (by a killed run)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as file:
-        lines = file.read().split("\n")
-    kept = []
-    for line in lines:
-        match = _SECTION.match(line)
-        if match and int(match.group(1)) > last_step:
-            break
-        kept.append(line)
-    if len(kept) != len(lines):
-        partial = f"{path}.partial-{os.getpid()}"
-        with open(partial, "w", encoding="utf-8") as file:
-            file.write("\n".join(kept).rstrip("\n") + "\n\n")
-        os.replace(partial, path)
 
 
 class Samples(keras.callbacks.Callback):
@@ -500,7 +277,7 @@ class Samples(keras.callbacks.Callback):
         path: the samples file.
         generate: `(model, prompts) -> texts`; it gets the model with the
             weights `fit` holds synced into it (`keras_tune.fit` passes
-            `keras_tune.generate.generate_texts` with the detached preprocessor).
+            `keras_tune.generation.generate_texts` with the detached preprocessor).
         every: steps between samples (0 = before and after only).
         log: where to echo the samples (None = quiet).
     """
@@ -521,15 +298,11 @@ class Samples(keras.callbacks.Callback):
         self._last_step = step
         # `self.model` syncs the weights fit holds back into the model's variables.
         texts = self.generate(self.model, self.prompts)
-        lines = [f"=== step {step} ({label}) ==="]
-        for prompt, text in zip(self.prompts, texts):
-            lines += [f">>> {prompt}", text.rstrip(), ""]
-        block = "\n".join(lines) + "\n"
+        block = rundir.sample_section(step, label, self.prompts, texts)
         if self.log:
             self.log(block.rstrip("\n"))
-        if is_primary():
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(block)
+        if rundir.is_primary():
+            rundir.append_text(self.path, block)
 
     def on_train_begin(self, logs=None):
         if self.progress.step == 0:
@@ -577,45 +350,62 @@ class Checkpoints(keras.callbacks.Callback):
         self.store.wait()
 
 
-# ---------------------------------------------------------------------------
-# The loss picture.
+def _preemption_agreed(step):
+    """Whether every process has reached the step at which the runtime saw a SIGTERM (multi-process only)."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
-def plot_losses(csv_path, png_path, title=""):
-    """Draws training (per step, and smoothed) and validation loss from `metrics.csv` into a PNG.
+class Preemption(keras.callbacks.Callback):
+    """SIGTERM (a spot VM reclaimed, a Kaggle session ending): finish the step, checkpoint, stop.
 
-    Returns the PNG path, or None when there is nothing to draw.
+    One process catches the signal itself; several agree on the step through
+    JAX's preemption sync point (its runtime registers the SIGTERM notifier),
+    so every process writes the same checkpoint together. The metrics rows of
+    the steps so far are flushed first, so a rerun continues exactly.
+
+    Args:
+        progress: the shared `Progress`.
+        save: `(step, model, logs) -> checkpoint path`, blocking until written.
+        before_save: callables run first (e.g. `MetricsLog.flush`).
     """
-    rows = read_rows(csv_path)
-    train = [(row["step"], row["loss"]) for row in rows if row.get("loss") is not None and math.isfinite(row["loss"])]
-    validation = [(row["step"], row["val_loss"]) for row in rows if row.get("val_loss") is not None]
-    if not train and not validation:
-        return None
-    import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot
+    def __init__(self, progress, save, before_save=()):
+        super().__init__()
+        self.progress = progress
+        self.save = save
+        self.before_save = list(before_save)
+        self.requested = False
+        self._previous = None
 
-    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        steps, losses = zip(*train)
-        window = max(1, len(losses) // 20)
-        axes.plot(steps, losses, color="tab:blue", alpha=0.3 if window > 1 else 0.9, linewidth=1, label="train (per step)")
-        if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                      for i in range(len(losses))]
-            axes.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train (mean of {window})")
-    if validation:
-        steps, losses = zip(*validation)
-        axes.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (mean next-token NLL, nats)")
-    axes.set_title(title or "loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    partial = f"{png_path}.partial-{os.getpid()}.png"
-    figure.savefig(partial)
-    pyplot.close(figure)
-    os.replace(partial, png_path)
-    return png_path
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def on_train_begin(self, logs=None):
+        import signal
+        import threading
+
+        import jax
+
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.progress.step
+        if not (_preemption_agreed(step) if self._multi else self.requested) or self.progress.diverged:
+            return
+        for flush in self.before_save:
+            flush()
+        path = self.save(step, self.model, dict(logs or {}))
+        self.on_train_end()
+        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {path} written: run the same command "
+                        "again to continue from it")
+
+    def on_train_end(self, logs=None):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

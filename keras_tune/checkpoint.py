@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from keras_tune.errors import UserError
+from keras_tune.errors import UserError, WriteFailed
 
 FORMAT = "keras_tune.checkpoint/1"
 _IDENTITY_NAMES = {
@@ -105,11 +105,9 @@ def check_identity(found, expected, where):
 
 def _rng_variables():
     """The keras global SeedGenerator's state, if one was created."""
-    try:
-        from keras.src.backend.common import global_state
-    except ImportError:  # pragma: no cover - a Keras without it
-        return {}
-    generator = global_state.get_global_attribute("global_seed_generator")
+    from keras_tune import compat
+
+    generator = compat.keras_global_attribute("global_seed_generator")
     return {"rng/global_seed_generator": generator.state} if generator is not None else {}
 
 
@@ -218,15 +216,27 @@ class CheckpointStore:
                 "fingerprints": {name: _fingerprint(value) for name, value in values.items()},
             }
         )
-        self.manager.save(
-            int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(values), meta=ocp.args.JsonSave(meta))
-        )
+        try:
+            self.manager.save(
+                int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(values), meta=ocp.args.JsonSave(meta))
+            )
+        except OSError as error:
+            raise self._write_failed(step, error) from None
         return meta
+
+    def _write_failed(self, step, error):
+        """The one-line error for a checkpoint that could not be written; the older ones stay."""
+        older = [s for s in self.steps() if s != step]
+        kept = f"the previous checkpoint {self.path(older[-1])} is intact" if older else "no earlier checkpoint exists"
+        return WriteFailed(f"could not write checkpoint {step} in {self.directory}: {error.strerror or error}; {kept}")
 
     def wait(self):
         """Blocks until background writes are finished."""
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            except OSError as error:
+                raise self._write_failed(self._manager.latest_step(), error) from None
 
     def close(self):
         if self._manager is not None:

@@ -26,8 +26,12 @@ import ml_collections
 from keras_tune.errors import UserError
 
 DEFAULT_PRESET = "gemma3_270m_offline"
-FAMILIES = ("gemma", "gemma2", "gemma3")
-SOURCES = ("kaggle", "local", "tiny", "gguf")
+FAMILIES = ("gemma", "gemma2", "gemma3", "recurrentgemma")
+# flax: the official RecurrentGemma checkpoints (Flax/Orbax), from Kaggle or a directory.
+SOURCES = ("kaggle", "local", "tiny", "gguf", "flax")
+RECURRENTGEMMA_SOURCES = ("flax", "tiny", "local")
+# RecurrentGemma (keras_tune.models.recurrent_gemma) keeps Gemma's attention and
+# MLP names and adds its recurrent block's projections (linear_*).
 LORA_TARGETS = (
     "query",
     "key",
@@ -36,16 +40,21 @@ LORA_TARGETS = (
     "ffw_gating",
     "ffw_gating_2",
     "ffw_linear",
+    "linear_x",
+    "linear_y",
+    "linear_out",
 )
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 RECIPES = ("imdb", "mtnt", "code", "text", "chat")
 BATCHINGS = ("auto", "pack", "bucket", "pad")
 PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16")
+LOSSES = ("sparse", "full")
+QUANTIZATIONS = ("", "int8", "int4")
 _MESH_PATTERN = re.compile(r"^(auto|\d+x\d+)$")
 
 
-def base_config():
+def base_config():  # long: the whole schema, one field a line, is easiest read in one place
     """Returns the schema with every field at its default.
 
     Presets start from this and set the model section; the CLI and notebooks
@@ -65,6 +74,9 @@ def base_config():
                 "handle": "",
                 # A .gguf path, or "registry" for the Gemma 3 270M package.
                 "weights": "",
+                # A LoRA adapter .npz to load (generate, evaluate, export) or to
+                # start training from (fit).
+                "adapter": "",
                 "instruct": False,
                 # keras-hub backbone constructor arguments, so planning needs
                 # no download.
@@ -74,6 +86,13 @@ def base_config():
                 "mesh": "auto",
                 "layout": "",
                 "simulate_devices": 0,
+                # Multi-process runs (JAX multi-controller through
+                # keras.distribution.initialize): "HOST:PORT" of process 0, the
+                # process count and this process's index. Empty/0/-1: read
+                # Keras' KERAS_DISTRIBUTION_* variables, or a single process.
+                "coordinator": "",
+                "num_processes": 0,
+                "process_id": -1,
             },
             "lora": {
                 "rank": 4,
@@ -114,6 +133,9 @@ def base_config():
                 "key_tokens": ("plt", "pd", "sk", "fit", "predict"),
                 "key_token_alpha": 0.0,
                 "shuffle_buffer": 10000,
+                # Packed rows: False masks attention to each document (segment
+                # ids); True lets every token see the documents before it.
+                "cross_document_attention": False,
             },
             "train": {
                 "epochs": 1,
@@ -130,6 +152,20 @@ def base_config():
                 "sample_every": 0,
                 "sample_max_length": 64,
                 "peak_tflops": 0.0,
+                # The training loss: "sparse" computes the output head and the
+                # cross-entropy only at positions that carry loss, in chunks of
+                # `loss_chunk_tokens` tokens (0 = one chunk); "full" is keras-hub's
+                # plain path (logits at every position).
+                "loss": "sparse",
+                "loss_chunk_tokens": 512,
+                # Frozen base weights stored as "int8" or "int4" (QLoRA-style);
+                # "" keeps them in the training precision.
+                "quantize": "",
+                # Recompute each decoder block's activations in the backward pass.
+                "remat": False,
+                # Memory of one device for the planner, e.g. "16GiB" ("" = from
+                # the device table or the device itself).
+                "device_memory": "",
             },
             "run": {
                 "dry_run": False,
@@ -258,7 +294,13 @@ def validate(config):
     )
     _check(model.family in FAMILIES, f"model.family '{model.family}' is not supported; expected one of {FAMILIES}")
     _check(model.source in SOURCES, f"model.source '{model.source}' is not supported; expected one of {SOURCES}")
-    if model.source in ("kaggle", "local"):
+    if model.family == "recurrentgemma" or model.source == "flax":
+        _check(
+            model.family == "recurrentgemma" and model.source in RECURRENTGEMMA_SOURCES,
+            f"preset '{config.preset}': model.family {model.family} with model.source {model.source}; "
+            f"expected family recurrentgemma with a source of {RECURRENTGEMMA_SOURCES}",
+        )
+    if model.source in ("kaggle", "local", "flax"):
         _check(bool(model.handle), f"preset '{config.preset}' has source {model.source} but no model.handle")
     if model.source == "gguf":
         _check(bool(model.weights), "model.source is gguf but model.weights is empty; pass --weights PATH.gguf")
@@ -267,6 +309,8 @@ def validate(config):
                 os.path.isfile(model.weights),
                 f"--weights {model.weights}: no such file; expected a .gguf file",
             )
+    if model.adapter:
+        _check(os.path.isfile(model.adapter), f"--adapter {model.adapter}: no such file; expected an adapter .npz")
     _check(
         isinstance(dist.mesh, str) and bool(_MESH_PATTERN.match(dist.mesh)),
         f"--mesh '{dist.mesh}' is not of the form BxM (e.g. 1x8, 2x4) or 'auto'",
@@ -280,6 +324,25 @@ def validate(config):
     _check(not unknown, f"--lora-targets: unknown {unknown}; expected a comma list of {','.join(LORA_TARGETS)}")
     _check(len(lora.targets) > 0 or lora.rank == 0, "--lora-targets is empty; expected e.g. query,value")
     _check(lora.alpha >= 0, f"lora.alpha {lora.alpha}: expected >= 0 (0 means alpha = rank)")
+    _validate_training(lora, opt, data, train)
+    _check(dist.num_processes >= 0, f"--num-processes {dist.num_processes}: expected a positive count (0 = auto)")
+    _check(dist.process_id >= -1, f"--process-id {dist.process_id}: expected 0 .. num_processes - 1")
+    if dist.num_processes and dist.process_id >= 0:
+        _check(
+            dist.process_id < dist.num_processes,
+            f"--process-id {dist.process_id}: expected 0 .. {dist.num_processes - 1} for --num-processes {dist.num_processes}",
+        )
+    _check(train.peak_tflops >= 0, f"--peak-tflops {train.peak_tflops}: expected >= 0 (0 = from the device table)")
+    # A GGUF carries its architecture in its metadata; every other source needs it here.
+    _check(
+        len(model.arch) > 0 or model.source == "gguf",
+        f"preset '{config.preset}' has no model.arch numbers; expected keras-hub backbone arguments",
+    )
+    return config
+
+
+def _validate_training(lora, opt, data, train):
+    """The optimizer, data and training checks of `validate`."""
     _check(opt.name in OPTIMIZERS, f"--optimizer '{opt.name}'; expected one of {OPTIMIZERS}")
     _check(opt.learning_rate > 0, f"--learning-rate {opt.learning_rate}: expected a positive number such as 5e-5")
     _check(opt.weight_decay >= 0, f"--weight-decay {opt.weight_decay}: expected >= 0")
@@ -304,13 +367,13 @@ def validate(config):
         all(isinstance(p, str) and p.strip() for p in train.sample_prompts),
         "--sample-prompt: expected non-empty prompt text",
     )
-    _check(train.peak_tflops >= 0, f"--peak-tflops {train.peak_tflops}: expected >= 0 (0 = from the device table)")
-    # A GGUF carries its architecture in its metadata; every other source needs it here.
+    _check(train.loss in LOSSES, f"train.loss '{train.loss}'; expected one of {LOSSES}")
+    _check(train.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens {train.loss_chunk_tokens}: expected >= 0 (0 = one chunk)")
+    _check(train.quantize in QUANTIZATIONS, f"--quantize '{train.quantize}'; expected int8, int4 or nothing")
     _check(
-        len(model.arch) > 0 or model.source == "gguf",
-        f"preset '{config.preset}' has no model.arch numbers; expected keras-hub backbone arguments",
+        train.quantize == "" or lora.rank > 0,
+        f"--quantize {train.quantize} freezes the base weights; expected --lora-rank > 0 to train adapters on top",
     )
-    return config
 
 
 def load_config(preset=None, config_file=None, overrides=None):

@@ -29,7 +29,7 @@ result = keras_tune.evaluate_texts(causal_lm, ["Some text.", "More text."], sequ
 print(result["tokens"], result["nll"], result["perplexity"])
 ```
 
-CLI: `python -m keras_tune.evaluate --preset P [--adapter FILE] [--seq-len N] TEXT_FILE...`
+CLI: `python -m keras_tune.evaluate --preset P [--adapter FILE] [--weights FILE.gguf] [--seq-len N] TEXT_FILE...`
 """
 
 import math
@@ -38,7 +38,7 @@ import weakref
 
 import numpy as np
 
-from keras_tune.cli import ArgumentParser, load_model, run_cli
+from keras_tune import cli
 from keras_tune.errors import UserError
 
 _SCORERS = weakref.WeakKeyDictionary()
@@ -173,19 +173,14 @@ def format_table(names, result):
 
 
 def build_parser():
-    parser = ArgumentParser(
-        prog="python -m keras_tune.evaluate",
-        description="Score text files with a preset (+ adapter): token count, mean next-token NLL (nats), perplexity.",
+    """The `evaluate` tool's parser: the shared model flags plus the files and window."""
+    parser = cli.tool_parser(
+        "python -m keras_tune.evaluate",
+        "Score text files with a preset (+ adapter): token count, mean next-token NLL (nats), perplexity.",
     )
     parser.add_argument("files", nargs="+", metavar="TEXT_FILE", help="UTF-8 text files, each scored as one text")
-    parser.add_argument("--preset", help="preset name (default: the offline Gemma 3 270M)")
-    parser.add_argument("--adapter", help="a LoRA adapter .npz written by keras_tune.fit")
-    parser.add_argument("--weights", help="a Gemma 3 .gguf file to score instead of the preset's weights")
     parser.add_argument("--seq-len", type=int, help="window length in tokens, BOS included (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per compiled call (default 1)")
-    parser.add_argument("--mesh", help="device mesh BxM, e.g. 1x8 (default: the preset's)")
-    parser.add_argument("--precision", help="float32, mixed_bfloat16 or bfloat16 (default: the preset's)")
-    parser.add_argument("--simulate-devices", type=int, help="CPU only: expose N host devices to try any mesh")
     return parser
 
 
@@ -204,23 +199,15 @@ def _read_texts(paths):
     return texts
 
 
-def evaluate_files(args):
+def evaluate_files(args, log=cli.log_stderr):
     """Loads the model the flags describe and scores the files; returns (names, result)."""
-    from keras_tune.config import load_config
+    from keras_tune.models.loader import build_model
 
     texts = _read_texts(args.files)
-    overrides = {}
-    if args.seq_len is not None:
-        overrides["data.seq_len"] = args.seq_len
-    if args.mesh:
-        overrides["distribution.mesh"] = args.mesh
-    if args.precision:
-        overrides["train.precision"] = args.precision
-    if args.weights:
-        overrides.update({"model.source": "gguf", "model.family": "gemma3", "model.weights": args.weights})
-    config = load_config(args.preset, overrides=overrides)
-    causal_lm, _ = load_model(config, args.adapter)
-    result = evaluate_texts(causal_lm, texts, sequence_length=config.data.seq_len, batch_size=args.batch_size)
+    config = cli.load_tool_config(args, data__seq_len=args.seq_len)
+    built = build_model(config)
+    log(f"model loaded in {built.seconds:.1f}s")
+    result = evaluate_texts(built.causal_lm, texts, sequence_length=config.data.seq_len, batch_size=args.batch_size)
     if result["tokens"] == 0:
         raise UserError("the text files hold no tokens; expected some text to score")
     return list(args.files), result
@@ -230,14 +217,10 @@ def main(argv=None):
     """CLI entry point; returns the process exit code."""
 
     def work(args):
-        if args.simulate_devices:  # before anything starts JAX
-            from keras_tune.distribution import simulate_devices
-
-            simulate_devices(args.simulate_devices)
         names, result = evaluate_files(args)
         print(format_table(names, result))
 
-    return run_cli(build_parser(), argv, work)
+    return cli.run_cli(build_parser(), argv, work)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ import keras
 # Norm scales and biases are not weights that should be pulled towards zero:
 # decaying an RMSNorm scale changes the activation scale of every layer.
 NO_DECAY_NAMES = ("bias", "scale")
+# RecurrentGemma's RG-LRU (its recurrence parameter and both gates, weights and
+# biases), as the reference fine-tuning recipe excludes them: decay would shorten
+# the recurrence's memory. Only that model has variables of these names.
+RG_LRU_NAMES = ("a_param", "input_gate", "a_gate")
 
 
 @keras.saving.register_keras_serializable(package="keras_tune")
@@ -114,7 +118,7 @@ def build_optimizer(optimizer_config, total_steps):
             epsilon=optimizer_config.epsilon,
             **common,
         )
-    names = list(NO_DECAY_NAMES)
+    names = list(NO_DECAY_NAMES + RG_LRU_NAMES)
     if optimizer_config.exclude_embeddings_from_decay:
         names.append("embeddings")
     if optimizer.weight_decay:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from keras_tune import callbacks as cb
+from keras_tune import flops, rundir
+from keras_tune.metrics import TokenCount
 from keras_tune.checkpoint import CheckpointStore, check_identity, state_variables
 from keras_tune.errors import UserError
 
@@ -24,7 +26,7 @@ def _model(learning_rate=0.0):
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
-        metrics=[cb.TokenCount(0), cb.TokenCount(0, non_pad=True)],
+        metrics=[TokenCount(0), TokenCount(0, non_pad=True)],
     )
     return model
 
@@ -64,12 +66,12 @@ def _dataset(x, y, w):
     ],
 )
 def test_peak_flops_table(kind, tflops):
-    assert cb.peak_tflops_per_device(kind) == tflops
+    assert flops.peak_tflops_per_device(kind) == tflops
 
 
 def test_flops_per_token_counts_weight_gradients_only_where_weights_train():
-    full = cb.flops_per_token(1000, 1000, num_layers=2, attention_width=16, seq_len=8)
-    lora = cb.flops_per_token(1000, 10, num_layers=2, attention_width=16, seq_len=8)
+    full = flops.flops_per_token(1000, 1000, num_layers=2, attention_width=16, seq_len=8)
+    lora = flops.flops_per_token(1000, 10, num_layers=2, attention_width=16, seq_len=8)
     attention = 12 * 2 * 8 * 16
     assert full == 6 * 1000 + attention  # the usual 6N for full fine-tuning
     assert lora == 4 * 1000 + 2 * 10 + attention
@@ -77,7 +79,7 @@ def test_flops_per_token_counts_weight_gradients_only_where_weights_train():
 
 def test_token_counts_all_and_non_pad():
     y = np.array([[5, 3, 0, 0], [1, 0, 0, 0]])
-    every, non_pad = cb.TokenCount(0), cb.TokenCount(0, non_pad=True)
+    every, non_pad = TokenCount(0), TokenCount(0, non_pad=True)
     every.update_state(y)
     non_pad.update_state(y)
     assert float(every.result()) == 8.0 and float(non_pad.result()) == 3.0
@@ -94,7 +96,7 @@ def test_step_losses_throughput_and_metrics_csv(tmp_path):
     ]
     model.fit(_dataset(x, y, w).repeat(), steps_per_epoch=2, epochs=3, callbacks=callbacks, verbose=0, shuffle=False)
     assert progress.step == 5  # stopped at total_steps inside the third epoch
-    rows = cb.read_rows(str(tmp_path / "metrics.csv"))
+    rows = rundir.read_rows(str(tmp_path / "metrics.csv"))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
     for i, row in enumerate(rows):
         expected = model.evaluate(x[i], y[i], sample_weight=w[i], verbose=0, return_dict=True)["loss"]
@@ -132,21 +134,21 @@ def test_nan_loss_stops_and_writes_no_checkpoint(tmp_path):
 
 def test_truncating_logs_after_a_checkpoint(tmp_path):
     path = str(tmp_path / "metrics.csv")
-    cb.append_rows(path, [{"step": s, "loss": 1.0 / s} for s in range(1, 7)])
-    cb.truncate_rows(path, 4)
-    assert [int(r["step"]) for r in cb.read_rows(path)] == [1, 2, 3, 4]
+    rundir.append_rows(path, [{"step": s, "loss": 1.0 / s} for s in range(1, 7)])
+    rundir.truncate_rows(path, 4)
+    assert [int(r["step"]) for r in rundir.read_rows(path)] == [1, 2, 3, 4]
     samples = tmp_path / "samples.txt"
     samples.write_text("=== step 0 (before training) ===\n>>> a\nb\n\n=== step 4 (training) ===\n>>> a\nc\n\n"
                        "=== step 6 (training) ===\n>>> a\nd\n\n")
-    cb.truncate_samples(str(samples), 4)
+    rundir.truncate_samples(str(samples), 4)
     assert "step 4" in samples.read_text() and "step 6" not in samples.read_text()
 
 
 def test_plot_losses_writes_a_png(tmp_path):
     path = str(tmp_path / "metrics.csv")
-    cb.append_rows(path, [{"step": 0, "val_loss": 3.0}] + [{"step": s, "loss": 3.0 - s / 50} for s in range(1, 60)]
+    rundir.append_rows(path, [{"step": 0, "val_loss": 3.0}] + [{"step": s, "loss": 3.0 - s / 50} for s in range(1, 60)]
                    + [{"step": 60, "loss": 1.8, "val_loss": 2.0}])
-    png = cb.plot_losses(path, str(tmp_path / "loss.png"), title="t")
+    png = rundir.plot_losses(path, str(tmp_path / "loss.png"), title="t")
     with open(png, "rb") as file:
         assert file.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -244,6 +246,6 @@ def test_flops_of_a_tiny_gemma_are_plausible():
     from keras_tune.models.loader import abstract_model
 
     backbone = abstract_model(config_lib.load_config("gemma_tiny"))
-    flops = cb.model_flops_per_token(backbone, 64)
+    per_token = flops.model_flops_per_token(backbone, 64)
     total = sum(math.prod(v.shape) for v in backbone.weights)
-    assert 4 * total < flops < 7 * total + 12 * 2 * 64 * 128
+    assert 4 * total < per_token < 7 * total + 12 * 2 * 64 * 128

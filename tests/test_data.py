@@ -34,6 +34,9 @@ DEFAULTS = dict(
     key_tokens=("plt", "pd", "sk", "fit", "predict"),
     key_token_alpha=0.0,
     shuffle_buffer=10000,
+    # These tests pin the layout of packed rows without document masking
+    # (tests/test_document_mask.py covers the default).
+    cross_document_attention=True,
 )
 BOS, EOS, PAD = 2, 1, 0
 

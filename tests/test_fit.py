@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import fit
-from keras_tune.callbacks import read_rows
+from keras_tune import cli, fit
+from keras_tune.rundir import read_rows
 from keras_tune.distribution import layout_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def _unmatched_layout(tmp_path):
 )
 def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_path, capsys, no_model):
     argv = [a.replace("UNMATCHED", _unmatched_layout(tmp_path)).replace("EMPTY", str(tmp_path / "run")) for a in argv]
-    code = fit.main(["--preset", "gemma_tiny", *argv])
+    code = cli.fit_main(["--preset", "gemma_tiny", *argv])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2
@@ -80,7 +80,7 @@ def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_pa
 
 
 def test_unknown_preset_is_one_line(capsys, no_model):
-    assert fit.main(["--preset", "gemma_8b_en"]) == 2
+    assert cli.fit_main(["--preset", "gemma_8b_en"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown preset 'gemma_8b_en'")
 
 
@@ -98,12 +98,12 @@ def test_a_bad_flag_in_a_real_process_exits_2_without_a_traceback():
 
 def test_every_flag_is_a_config_field():
     fields = config_lib.base_config()
-    for flag, field, _, _ in fit.FLAGS:
+    for flag, field, _, _ in cli.MODEL_FLAGS + cli.FIT_FLAGS:
         section, name = field.split(".")
         assert name in fields[section], flag
-    parser = fit.build_parser()
+    parser = cli.build_fit_parser()
     args = parser.parse_args(["--sample-prompt", "a", "--sample-prompt", "b c", "--resume", "--save-every", "5"])
-    overrides = fit.overrides_from_args(args)
+    overrides = cli.overrides_from_args(args, cli.FIT_FLAGS)
     assert overrides == {"train.sample_prompts": ("a", "b c"), "train.resume": True, "train.save_every": 5}
 
 
@@ -161,7 +161,7 @@ def test_default_style_run_leaves_every_artifact(tmp_path, capsys):
 def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=120)
     out = tmp_path / "run"
-    code = fit.main([
+    code = cli.fit_main([
         "--preset", "gemma_tiny", "--data", "text", "--data-path", corpus, "--steps", "12", "--save-every", "1",
         "--learning-rate", "1e30", "--clipnorm", "0", "--output-dir", str(out),
     ])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import generate
+from keras_tune import generate, generation
+from keras_tune.models import export
 from keras_tune.errors import UserError
 from keras_tune.lora import apply_lora, load_adapter, save_adapter
 from keras_tune.models.loader import load_causal_lm
@@ -67,7 +68,7 @@ def test_merged_model_gives_the_same_logits_and_reloads_from_its_preset(adapter,
     load_adapter(model, path, preset="gemma_tiny")
     out = str(tmp_path / "merged")
     lines = []
-    result = generate.merge_and_export(model, out, log=lines.append)
+    result = export.merge_and_export(model, out, log=lines.append)
     np.testing.assert_allclose(_logits(model), expected, rtol=1e-5, atol=1e-5)
     assert os.path.isfile(os.path.join(out, "model.weights.h5")) and os.path.isfile(os.path.join(out, "config.json"))
     config = config_lib.load_config("gemma_tiny", overrides={"model.source": "local", "model.handle": out})
@@ -78,7 +79,7 @@ def test_merged_model_gives_the_same_logits_and_reloads_from_its_preset(adapter,
     assert os.path.isfile(os.path.join(out, "transformers", "model.safetensors")), result["transformers"]
     assert os.path.isfile(os.path.join(out, "transformers", "config.json"))
     with pytest.raises(UserError, match="exists and is not empty"):
-        generate.merge_and_export(model, out, log=lines.append)
+        export.merge_and_export(model, out, log=lines.append)
 
 
 def test_cli_generates_for_each_prompt_and_seeded_sampling_repeats(adapter, capsys, monkeypatch):
@@ -133,14 +134,14 @@ def test_instruct_prompts_use_the_gemma_chat_turn_format():
     preprocessor = Preprocessor()
     preprocessor.tokenizer = tokenizer
     recorder = _Recorder()
-    assert generate.generate_texts(recorder, preprocessor, ["Best comedy movies in the 90s"], 32, chat=True) == ["ok"]
+    assert generation.generate_texts(recorder, preprocessor, ["Best comedy movies in the 90s"], 32, chat=True) == ["ok"]
     assert recorder.call["inputs"] == [
         "<start_of_turn>user\nBest comedy movies in the 90s<end_of_turn>\n<start_of_turn>model\n"
     ]
     end_of_turn = int(tokenizer.token_to_id("<end_of_turn>"))
     assert recorder.call["stop_token_ids"] == (int(tokenizer.end_token_id), end_of_turn)
     assert recorder.preprocessor is None  # put back as it was
-    generate.generate_texts(recorder, preprocessor, ["plain"], 32, chat=False)
+    generation.generate_texts(recorder, preprocessor, ["plain"], 32, chat=False)
     assert recorder.call["inputs"] == ["plain"] and recorder.call["stop_token_ids"] == (int(tokenizer.end_token_id),)
 
 
@@ -148,7 +149,7 @@ def test_gemma2_is_not_exported_to_transformers_as_gemma1():
     from keras_tune.models.loader import abstract_model
 
     gemma2 = abstract_model(config_lib.load_config("gemma2_tiny"), lora=False)
-    problem = generate.transformers_export_problem(gemma2)
+    problem = export.transformers_export_problem(gemma2)
     assert "model_type 'gemma' (Gemma 1)" in problem and "use_post_ffw_norm" in problem
     for preset in ("gemma_tiny", "gemma3_tiny"):
-        assert generate.transformers_export_problem(abstract_model(config_lib.load_config(preset), lora=False)) is None
+        assert export.transformers_export_problem(abstract_model(config_lib.load_config(preset), lora=False)) is None

@@ -12,7 +12,7 @@ import pytest
 
 from keras_tune import config as config_lib
 from keras_tune import fit
-from keras_tune.callbacks import read_rows
+from keras_tune.rundir import read_rows
 from keras_tune.errors import UserError
 from test_fit import write_corpus
 

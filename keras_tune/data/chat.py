@@ -25,11 +25,13 @@ bundle = make_datasets(config.data, tokenizer, seed=0)
 import numpy as np
 
 from keras_tune.data import files
-from keras_tune.data.text import read_examples, split_source
+from keras_tune.data.files import read_examples, split_source
 from keras_tune.errors import UserError
+from keras_tune.generation import END_OF_TURN as END
+from keras_tune.generation import MODEL_TURN as MODEL
+from keras_tune.generation import USER_TURN as USER
 
 SUFFIXES = (".jsonl", ".json", ".csv")
-USER, MODEL, END = "<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n"
 ROLES = {"user": "user", "human": "user", "model": "model", "assistant": "model", "system": "system"}
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_tune.data import files
-from keras_tune.data.text import split_source
+from keras_tune.data.files import split_source
 from keras_tune.errors import UserError
 
 KEYWORDS = ("pandas", "sklearn", "matplotlib", "seaborn")

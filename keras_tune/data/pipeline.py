@@ -120,14 +120,30 @@ class Tokenized:
 
 @dataclasses.dataclass
 class Rows:
-    """Rows of `length + 1` token ids, their loss weights and real-token mask."""
+    """Rows of `length + 1` token ids, their loss weights and real-token mask.
+
+    `segments`, when set, numbers the documents of each packed row (0 on
+    padding); it replaces the padding mask so attention stays inside a document.
+    `documents` counts the documents (or pieces of one) in each row.
+    """
 
     ids: np.ndarray
     weights: np.ndarray
     mask: np.ndarray
+    segments: np.ndarray = None
+    documents: np.ndarray = None
 
     def __len__(self):
         return len(self.ids)
+
+    def take(self, index):
+        """The rows at `index` (an integer array), all fields alike."""
+        pick = lambda array: None if array is None else array[index]  # noqa: E731
+        return Rows(self.ids[index], self.weights[index], self.mask[index], pick(self.segments), pick(self.documents))
+
+    def columns(self):
+        """The per-row arrays a tf.data pipeline slices: ids, weights, and the mask or segment ids."""
+        return self.ids, self.weights, (self.mask if self.segments is None else self.segments)
 
 
 # ---------------------------------------------------------------------------
@@ -234,14 +250,22 @@ def with_specials(tok, bos, eos):
     return Tokenized(ids, weights, lengths)
 
 
-def pack(tok, seq_len, bos, eos, pad):
+def pack(tok, seq_len, bos, eos, pad, documents=False):
     """Packs examples into rows: `<bos>` + `seq_len` tokens of the `<eos>`-joined stream.
 
     Row i holds stream tokens `[i * seq_len, (i + 1) * seq_len)` after its `<bos>`,
     so the targets (`row[1:]`) of the rows in order are the stream, every token once.
     The last row is padded with `pad` (mask 0, weight 0).
+
+    Args:
+        tok: the split's tokens.
+        seq_len: model input length.
+        bos, eos, pad: special token ids.
+        documents: mask documents apart: every example starts with its own
+            `<bos>` (weight 0), as Gemma was trained, and the rows carry segment
+            ids (see `keras_tune.models.document_mask`).
     """
-    stream = with_specials(tok, None, eos)
+    stream = with_specials(tok, bos if documents else None, eos)
     total = len(stream.ids)
     full, tail = divmod(total, seq_len)
     count = full + (1 if tail else 0)
@@ -257,7 +281,19 @@ def pack(tok, seq_len, bos, eos, pad):
         ids[full, 1 : 1 + tail] = stream.ids[full * seq_len :]
         weights[full, 1 : 1 + tail] = stream.weights[full * seq_len :]
         mask[full, 1 : 1 + tail] = True
-    return Rows(ids, weights, mask)
+    # A document starts where the stream does, and after every <eos>.
+    starts = np.zeros((count, seq_len + 1), bool)
+    flat = np.zeros(count * seq_len, bool)
+    flat[stream.starts] = True
+    starts[:, 1:] = flat.reshape(count, seq_len)
+    starts &= mask
+    # Pieces of documents a row holds: those that start in it, plus one continued into it.
+    pieces = starts[:, 1:].sum(axis=1) + (mask[:, 1] & ~starts[:, 1])
+    segments = None
+    if documents:
+        starts[:, 0] = True  # the row's leading <bos> opens segment 1
+        segments = np.where(mask, np.cumsum(starts, axis=1), 0).astype(np.int32)
+    return Rows(ids, weights, mask, segments, pieces.astype(np.int64))
 
 
 def pad_rows(examples, length, pad):
@@ -394,7 +430,7 @@ def train_dataset(groups, batch_size, seed, shuffle_buffer):
         batches = len(rows) // batch_size
         if not batches:
             continue
-        part = tf.data.Dataset.from_tensor_slices((rows.ids, rows.weights, rows.mask))
+        part = tf.data.Dataset.from_tensor_slices(rows.columns())
         if shuffle_buffer > 1:
             part = part.shuffle(min(shuffle_buffer, len(rows)), seed=seed + k, reshuffle_each_iteration=True)
         parts.append(part.batch(batch_size, drop_remainder=True))
@@ -419,15 +455,13 @@ def validation_dataset(groups, batch_size):
     parts, filler = [], 0
     for rows in groups:
         missing = -len(rows) % batch_size
+        ids, weights, mask = rows.columns()
         if missing:
             take = np.arange(missing) % len(rows)
-            rows = Rows(
-                np.concatenate([rows.ids, rows.ids[take]]),
-                np.concatenate([rows.weights, np.zeros_like(rows.weights[take])]),
-                np.concatenate([rows.mask, rows.mask[take]]),
-            )
+            ids, mask = np.concatenate([ids, ids[take]]), np.concatenate([mask, mask[take]])
+            weights = np.concatenate([weights, np.zeros_like(weights[take])])
             filler += missing
-        part = tf.data.Dataset.from_tensor_slices((rows.ids, rows.weights, rows.mask))
+        part = tf.data.Dataset.from_tensor_slices((ids, weights, mask))
         parts.append(part.batch(batch_size, drop_remainder=True))
     dataset = parts[0]
     for part in parts[1:]:
@@ -456,11 +490,12 @@ def assign_buckets(need, lengths, batch_size):
     return index
 
 
-def _layout(tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report):
+def _layout(tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report, documents=False):
     """Turns one split's tokens into a list of `Rows`, one a length in `lengths`."""
     if batching == "pack":
-        rows = pack(tok, seq_len, bos, eos, pad)
+        rows = pack(tok, seq_len, bos, eos, pad, documents=documents)
         report.kept = len(tok.lengths)
+        report.documents_per_row = float(rows.documents.mean()) if len(rows) else 0.0
         return [rows]
     wrapped = with_specials(tok, bos, eos)
     need = np.minimum(wrapped.lengths, seq_len + 1) - 1
@@ -514,27 +549,7 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
 
     report = DataReport(recipe=source.recipe, batching=batching, seq_len=seq_len, batch_size=batch_size)
     report.notes += source.notes
-    splits = {"train": (source.train, source.train_source, source.train_dropped)}
-    if source.validation is not None:
-        splits["validation"] = (source.validation, source.validation_source, source.validation_dropped)
-
-    tokens = {}
-    for split, (dataset, where, dropped) in splits.items():
-        split_report = SplitReport(source=where, dropped=Counter(dropped))
-        tok = tokenize(dataset, tokenizer, log=log, what=f"{split} examples")
-        split_report.read = len(tok.lengths) + sum(dropped.values())
-        empty = tok.lengths == 0
-        split_report.dropped["empty after tokenizing"] += int(empty.sum())
-        tok = tok.select(~empty)
-        tok = _drop_without_target(tok, seq_len, batching, split_report)
-        split_report.tokens = int(len(tok.ids))
-        split_report.dropped = Counter({k: v for k, v in split_report.dropped.items() if v})
-        tokens[split] = tok
-        if split == "train":
-            report.train = split_report
-        else:
-            report.validation = split_report
-
+    tokens = _tokenize_splits(source, tokenizer, seq_len, batching, report, log)
     train_tok = tokens["train"]
     if not len(train_tok.lengths):
         raise UserError(
@@ -546,20 +561,12 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         report.notes.append(f"no validation: no usable examples in {source.validation_source}")
         val_tok = None
 
-    if batching == "pack":
-        lengths = [seq_len]
-    elif batching == "pad":
-        lengths = [seq_len]
-    else:
-        def needs(tok):
-            return np.minimum(tok.lengths + 2, seq_len + 1) - 1
-
-        train_needs = needs(train_tok)
-        all_needs = train_needs if val_tok is None else np.concatenate([train_needs, needs(val_tok)])
-        lengths = choose_buckets(train_needs, all_needs, seq_len, batch_size)
+    lengths = _row_lengths(batching, train_tok, val_tok, seq_len, batch_size)
     report.bucket_lengths = tuple(int(n) for n in lengths)
 
-    train_groups = _layout(train_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.train)
+    documents = batching == "pack" and not data_config.get("cross_document_attention", False)
+    report.document_masking = documents
+    train_groups = _layout(train_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.train, documents)
     report.train.sequences = int(sum(len(g) for g in train_groups))
     report.train.batches = int(sum(len(g) // batch_size for g in train_groups))
     report.train.left_out_per_epoch = int(sum(len(g) % batch_size for g in train_groups))
@@ -570,18 +577,12 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
             "seq_len or a smaller batch_size"
         )
 
-    alpha = float(data_config.key_token_alpha)
-    if alpha > 0:
-        sequences = key_token_sequences(tokenizer, tuple(data_config.key_tokens))
-        report.key_token_ids = {word: [list(s) for s in spellings] for word, spellings in sequences.items()}
-        for rows in train_groups:
-            scale = alpha * (1.0 + count_key_tokens(rows, sequences))
-            rows.weights *= scale[:, None].astype(np.float32)
-
+    _weigh_key_tokens(train_groups, tokenizer, data_config, report)
     train = train_dataset(train_groups, batch_size, seed, int(data_config.shuffle_buffer))
     validation, validation_steps = None, 0
     if val_tok is not None:
-        val_groups = _layout(val_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.validation)
+        val_groups = _layout(val_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.validation,
+                             documents)
         val_groups = [g for g in val_groups if len(g)]
         validation, filler = validation_dataset(val_groups, batch_size)
         report.validation.sequences = int(sum(len(g) for g in val_groups))
@@ -593,11 +594,59 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
     return DataBundle(train, validation, report, report.train.batches, validation_steps)
 
 
+def _tokenize_splits(source, tokenizer, seq_len, batching, report, log):
+    """Tokenizes the train (and validation) examples; drops and counts the unusable ones."""
+    splits = {"train": (source.train, source.train_source, source.train_dropped)}
+    if source.validation is not None:
+        splits["validation"] = (source.validation, source.validation_source, source.validation_dropped)
+    tokens = {}
+    for split, (dataset, where, dropped) in splits.items():
+        split_report = SplitReport(source=where, dropped=Counter(dropped))
+        tok = tokenize(dataset, tokenizer, log=log, what=f"{split} examples")
+        split_report.read = len(tok.lengths) + sum(dropped.values())
+        empty = tok.lengths == 0
+        split_report.dropped["empty after tokenizing"] += int(empty.sum())
+        tok = _drop_without_target(tok.select(~empty), seq_len, batching, split_report)
+        split_report.tokens = int(len(tok.ids))
+        split_report.dropped = Counter({k: v for k, v in split_report.dropped.items() if v})
+        tokens[split] = tok
+        if split == "train":
+            report.train = split_report
+        else:
+            report.validation = split_report
+    return tokens
+
+
+def _row_lengths(batching, train_tok, val_tok, seq_len, batch_size):
+    """The input lengths rows come in: `seq_len` for pack and pad, the chosen buckets otherwise."""
+    if batching in ("pack", "pad"):
+        return [seq_len]
+
+    def needs(tok):
+        return np.minimum(tok.lengths + 2, seq_len + 1) - 1
+
+    train_needs = needs(train_tok)
+    all_needs = train_needs if val_tok is None else np.concatenate([train_needs, needs(val_tok)])
+    return choose_buckets(train_needs, all_needs, seq_len, batch_size)
+
+
+def _weigh_key_tokens(train_groups, tokenizer, data_config, report):
+    """Scales each training row's weights by `alpha * (1 + its key tokens)` when `key_token_alpha > 0`."""
+    alpha = float(data_config.key_token_alpha)
+    if alpha <= 0:
+        return
+    sequences = key_token_sequences(tokenizer, tuple(data_config.key_tokens))
+    report.key_token_ids = {word: [list(s) for s in spellings] for word, spellings in sequences.items()}
+    for rows in train_groups:
+        scale = alpha * (1.0 + count_key_tokens(rows, sequences))
+        rows.weights *= scale[:, None].astype(np.float32)
+
+
 def _measure_padding(train, report):
     positions = padding = loss = 0
     for x, _, weight in train.take(REPORT_BATCHES).as_numpy_iterator():
         positions += x["padding_mask"].size
-        padding += int((~x["padding_mask"]).sum())
+        padding += int((x["padding_mask"] == 0).sum())  # a bool mask or segment ids
         loss += int((weight > 0).sum())
         report.sampled_batches += 1
     report.pad_fraction = padding / max(positions, 1)

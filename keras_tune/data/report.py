@@ -29,6 +29,7 @@ class SplitReport:
         left_out_per_epoch: sequences that do not fill a last batch of their
             bucket and so sit out each epoch (a different few every epoch).
         filler_rows: validation only: copies with weight 0 that fill a last batch.
+        documents_per_row: pack only: documents (or pieces of one) a row holds, on average.
     """
 
     source: str = ""
@@ -41,6 +42,7 @@ class SplitReport:
     batches: int = 0
     left_out_per_epoch: int = 0
     filler_rows: int = 0
+    documents_per_row: float = 0.0
 
     def lines(self, name):
         dropped = sum(self.dropped.values())
@@ -49,7 +51,8 @@ class SplitReport:
             f"  {name}: {self.source}",
             f"    examples: read {self.read}, kept {self.kept}, truncated {self.truncated}, "
             f"dropped {dropped}" + (f" ({reasons})" if reasons else ""),
-            f"    tokens {self.tokens}, sequences {self.sequences}, batches {self.batches}",
+            f"    tokens {self.tokens}, sequences {self.sequences}, batches {self.batches}"
+            + (f", {self.documents_per_row:.2f} documents a row on average" if self.documents_per_row else ""),
         ]
         if self.left_out_per_epoch:
             out.append(
@@ -78,6 +81,7 @@ class DataReport:
         loss_fraction: share of input positions whose target carries loss.
         sampled_batches: how many training batches the two fractions are measured on.
         key_token_ids: token id sequences counted for the key-token weight, if on.
+        document_masking: packed rows carry segment ids, so each document attends only to itself.
         notes: anything else worth a line.
     """
 
@@ -92,6 +96,7 @@ class DataReport:
     loss_fraction: float = 0.0
     sampled_batches: int = 0
     key_token_ids: dict = dataclasses.field(default_factory=dict)
+    document_masking: bool = False
     notes: list = dataclasses.field(default_factory=list)
 
     @property
@@ -122,6 +127,11 @@ class DataReport:
             f"  padding {self.pad_fraction:.1%}, loss on {self.loss_fraction:.1%} of input positions "
             f"(over {self.sampled_batches} training batches)"
         )
+        if self.batching == "pack":
+            out.append("  packed documents: " + ("each starts with <bos> and attends only to itself (segment ids)"
+                                                 if self.document_masking else
+                                                 "attend to the documents before them in a row "
+                                                 "(data.cross_document_attention=true)"))
         if self.key_token_ids:
             keys = ", ".join(f"{k}={v}" for k, v in self.key_token_ids.items())
             out.append(f"  key-token weight on: {keys}")

@@ -7,9 +7,10 @@ shapes only (no memory), which is what planning, `--dry-run` and the layout
 checks use.
 """
 
+import dataclasses
 import glob
-import math
 import os
+import time
 
 from keras_tune.errors import UserError
 
@@ -17,6 +18,14 @@ from keras_tune.errors import UserError
 def _classes(family):
     import keras_hub
 
+    if family == "recurrentgemma":  # keras-hub has none: keras_tune's own Keras model
+        from keras_tune.models import recurrent_gemma
+
+        return (
+            recurrent_gemma.RecurrentGemmaBackbone,
+            recurrent_gemma.RecurrentGemmaCausalLMPreprocessor,
+            recurrent_gemma.RecurrentGemmaCausalLM,
+        )
     if family == "gemma3":
         return (
             keras_hub.models.Gemma3Backbone,
@@ -59,23 +68,22 @@ def abstract_model(config, lora=True):
     """
     import keras
 
+    from keras_tune import compat
     from keras_tune.lora import apply_lora
-
-    from keras.src.backend.common import global_state
 
     backbone_cls, _, _ = _classes(config.model.family)
     kwargs = backbone_kwargs(config)
     # Keras queues deferred variables globally and initializes the queue when
     # the next outermost StatelessScope closes (fit opens one); take ours out
     # so an abstract 7B model never gets materialized by accident.
-    pending = list(global_state.get_global_attribute("uninitialized_variables", []) or [])
+    pending = list(compat.keras_global_attribute("uninitialized_variables", []) or [])
     try:
         with keras.StatelessScope(initialize_variables=False):
             backbone = backbone_cls(**kwargs, dtype=config.train.precision)
             if lora:
                 apply_lora(backbone, config.lora.rank, config.lora.targets, config.lora.alpha)
     finally:
-        global_state.set_global_attribute("uninitialized_variables", pending)
+        compat.set_keras_global_attribute("uninitialized_variables", pending)
     return backbone
 
 
@@ -126,6 +134,10 @@ def check_source(config):
             )
     elif model.source == "gguf":
         gguf_path(config)  # the registry package or the file must exist
+    elif model.source == "flax":
+        from keras_tune.models.recurrent_gemma import source
+
+        source.check_source(model.handle)
 
 
 def load_causal_lm(config):
@@ -162,6 +174,10 @@ def load_causal_lm(config):
         from keras_tune.models import gguf
 
         return gguf.load_gguf_causal_lm(gguf_path(config), sequence_length=sequence_length, dtype=precision)
+    if model.source == "flax":
+        from keras_tune.models.recurrent_gemma import source
+
+        return source.load_causal_lm(config)
     try:
         causal_lm = causal_lm_cls.from_preset(model.handle, dtype=precision)
     except (OSError, ValueError, ConnectionError) as error:
@@ -170,7 +186,112 @@ def load_causal_lm(config):
     return causal_lm
 
 
-def count_parameters(variables):
-    """Total number of elements in `variables`."""
-    return sum(math.prod(v.shape) for v in variables)
+def quantize_base(causal_lm, mode):
+    """Stores the frozen base weights as int8 or int4 (Keras' own `quantize`), QLoRA-style.
 
+    Weight-only: the scales are per output channel (int8) or per block of 128
+    inputs (int4) and activations stay in the compute precision, so the only
+    change to the function the model computes is the weights' rounding. LoRA,
+    enabled afterwards, trains float32 matrices on top; their shapes are the
+    unquantized model's, so an adapter moves between the two.
+
+    Args:
+        causal_lm: a keras-hub CausalLM, LoRA not yet enabled.
+        mode: "int8" or "int4".
+    """
+    import keras
+
+    configs = {
+        "int8": lambda: keras.quantizers.Int8QuantizationConfig(activation_quantizer=None),
+        "int4": lambda: keras.quantizers.Int4QuantizationConfig(activation_quantizer=None, block_size=128),
+    }
+    if mode not in configs:
+        raise UserError(f"--quantize {mode}: expected int8 or int4")
+    import warnings
+
+    with warnings.catch_warnings():  # norms, rotary embeddings, dropout: nothing to quantize, as intended
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        causal_lm.backbone.quantize(mode, config=configs[mode]())
+
+
+def remat_scope(config):
+    """With `train.remat`, a Keras `RematScope` that recomputes each decoder block in the backward pass.
+
+    Layers take their rematerialization mode when they are created, so the
+    model is built inside it. A block's activations are then the only thing
+    the backward pass keeps of it (its input), at the cost of running its
+    forward twice.
+
+    Args:
+        config: the run config.
+    """
+    import contextlib
+
+    import keras
+
+    if not config.train.remat:
+        return contextlib.nullcontext()
+    layers = int(backbone_kwargs(config)["num_layers"])
+    return keras.RematScope(mode="list_of_layers", layer_names=[f"decoder_block_{i}" for i in range(layers)])
+
+
+@dataclasses.dataclass
+class BuiltModel:
+    """What `build_model` hands back.
+
+    Attributes:
+        causal_lm: the keras-hub CausalLM, built under `plan`'s distribution.
+        plan: the `keras_tune.distribution.ShardingPlan` it was built with.
+        seconds: wall time of building and loading the weights (and adapter).
+        adapter: the adapter file's record, when one was loaded.
+    """
+
+    causal_lm: object
+    plan: object
+    seconds: float
+    adapter: dict = None
+
+
+def build_model(config, *, lora=False, plan=None, devices=None):
+    """Builds the config's CausalLM the one way every tool does: seed, precision, distribution, weights, LoRA.
+
+    The adapter file (`config.model.adapter`) is read before anything is built,
+    and its preset, rank and targets are checked against the model
+    (`keras_tune.lora.load_adapter`): another preset's adapter is refused whole.
+
+    Args:
+        config: a validated run config.
+        lora: add the LoRA layers `config.lora` asks for (training); without it,
+            LoRA comes only from the adapter file, if any.
+        plan: a sharding plan already made for this config (default: planned here).
+        devices: devices for the mesh when planning here (default: all).
+
+    Returns:
+        A `BuiltModel`.
+    """
+    import keras
+
+    from keras_tune.distribution import plan_sharding
+    from keras_tune.lora import apply_lora, load_adapter, read_adapter
+
+    adapter = config.model.adapter
+    if adapter:
+        read_adapter(adapter)  # an unreadable file fails before the model is built
+    if plan is None:
+        plan = plan_sharding(config, abstract_model(config, lora=lora).weights, devices=devices)
+    keras.utils.set_random_seed(config.train.seed)
+    keras.config.set_dtype_policy(config.train.precision)
+    keras.distribution.set_distribution(plan.distribution())
+    started = time.perf_counter()
+    with remat_scope(config):
+        causal_lm = load_causal_lm(config)
+    if config.train.quantize:
+        quantize_base(causal_lm, config.train.quantize)
+    if not config.data.cross_document_attention and config.model.family in ("gemma", "gemma2", "gemma3"):
+        from keras_tune.models.document_mask import enable_document_masking
+
+        enable_document_masking(causal_lm.backbone)  # packed rows send segment ids
+    if lora:
+        apply_lora(causal_lm, config.lora.rank, config.lora.targets, config.lora.alpha)
+    metadata = load_adapter(causal_lm, adapter, preset=config.preset) if adapter else None
+    return BuiltModel(causal_lm=causal_lm, plan=plan, seconds=time.perf_counter() - started, adapter=metadata)

@@ -1,0 +1,96 @@
+"""FLOPs a training token costs, the devices' peak FLOP/s, and MFU.
+
+MFU ("model FLOPs utilization") counts the FLOPs the model needs, not what the
+hardware ran: per token `4 N + 2 N_trainable` for the dense layers (forward,
+gradient with respect to activations, and weight gradients only where weights
+train: 6 N for full fine-tuning, as in PaLM's definition) plus
+`12 * layers * seq_len * heads * head_dim` for attention (no causal or sliding
+window discount, so an upper bound there), divided by the peak dense bf16 FLOP/s
+of the devices (`PEAK_TFLOPS`, or `--peak-tflops` per device).
+
+Example:
+
+```python
+from keras_tune import flops
+per_token = flops.model_flops_per_token(causal_lm.backbone, seq_len=128)
+peak, per_device, kind = flops.peak_flops(jax.devices())
+mfu = tokens_per_second * per_token / peak
+```
+"""
+
+import re
+
+# Dense bf16 peak TFLOP/s of one JAX device (a TPU v2/v3 device is one core, half
+# a chip; v4 and later expose one device a chip). First match on device_kind wins.
+PEAK_TFLOPS = (
+    (r"TPU v2", 22.5),
+    (r"TPU v3", 61.5),
+    (r"TPU v4", 275.0),
+    (r"TPU v5 ?(lite|e)", 197.0),
+    (r"TPU v5", 459.0),  # v5p
+    (r"TPU v6", 918.0),  # v6e (Trillium)
+    (r"H100.*PCIe", 756.0),
+    (r"H100|H200|GH200", 989.0),
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+    (r"\bL4\b", 121.0),
+    (r"\bT4\b", 65.0),  # float16: a T4 has no bfloat16 units
+    (r"V100", 125.0),  # float16
+)
+
+
+def peak_tflops_per_device(device_kind):
+    """Dense bf16 peak TFLOP/s of a device from its `device_kind`, or 0.0 if unknown.
+
+    Args:
+        device_kind: `jax.devices()[0].device_kind`, e.g. "TPU v4" or "NVIDIA H100 80GB HBM3".
+    """
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_kind or "", flags=re.IGNORECASE):
+            return tflops
+    return 0.0
+
+
+def peak_flops(devices, peak_tflops=0.0):
+    """Peak FLOP/s of a set of devices for the MFU estimate.
+
+    Args:
+        devices: the mesh's devices.
+        peak_tflops: per-device TFLOP/s to use instead of the table (0 = the table).
+
+    Returns:
+        `(total peak FLOP/s, per-device TFLOP/s, device kind)`; 0 FLOP/s when unknown.
+    """
+    kind = getattr(devices[0], "device_kind", str(devices[0]))
+    per_device = peak_tflops or peak_tflops_per_device(kind)
+    return per_device * 1e12 * len(devices), per_device, kind
+
+
+def flops_per_token(total_params, trainable_params, num_layers, attention_width, seq_len):
+    """Training FLOPs per token: dense layers plus attention (see the module docstring).
+
+    Args:
+        total_params: every parameter of the model (tied embeddings count once:
+            they are the output projection).
+        trainable_params: parameters that receive weight gradients.
+        num_layers: transformer blocks.
+        attention_width: query heads times head dimension.
+        seq_len: tokens per sequence.
+    """
+    dense = 4 * total_params + 2 * trainable_params
+    attention = 12 * num_layers * seq_len * attention_width
+    return float(dense + attention)
+
+
+def model_flops_per_token(backbone, seq_len):
+    """`flops_per_token` for a keras-hub Gemma backbone.
+
+    Args:
+        backbone: a keras-hub backbone (its LoRA, if any, already enabled).
+        seq_len: tokens per training sequence.
+    """
+    from keras_tune.lora import trainable_report
+
+    report = trainable_report(backbone)
+    width = int(getattr(backbone, "num_query_heads", 0)) * int(getattr(backbone, "head_dim", 0))
+    return flops_per_token(report["total"], report["trainable"], int(getattr(backbone, "num_layers", 0)), width, seq_len)

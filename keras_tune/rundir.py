@@ -1,0 +1,316 @@
+"""The files a run leaves, and the one way keras_tune writes any file: atomically.
+
+A run directory holds `config.json`, `metrics.csv` (a row a step, validation
+columns where an evaluation ran), `tensorboard/`, `samples.txt`, `loss.png`,
+`checkpoints/` (Orbax, `keras_tune.checkpoint`) and the adapter. Everything here
+is plain Python (no Keras), so a notebook can read a finished run's metrics
+without starting JAX:
+
+```python
+from keras_tune import rundir
+rows = rundir.read_rows("runs/gemma_tiny-20260101-000000/metrics.csv")
+rundir.plot_losses("runs/.../metrics.csv", "loss.png", title="gemma_tiny")
+```
+"""
+
+import contextlib
+import csv
+import math
+import os
+import re
+from pathlib import Path
+
+CSV_COLUMNS = (
+    "step",
+    "loss",
+    "learning_rate",
+    "step_time_s",
+    "tokens_per_s",
+    "non_pad_tokens_per_s",
+    "mfu",
+    "val_loss",
+    "val_perplexity",
+    "val_accuracy",
+)
+
+
+def is_primary():
+    """Whether this process writes the run directory (process 0 of a multi-process run)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def atomic_write(path, suffix=""):
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
+
+    Readers see the old file or the whole new one, never half of one. When the
+    block raises (a full disk, say), the temporary file is removed and `path`
+    keeps its previous contents.
+
+    Args:
+        path: the destination file.
+        suffix: appended to the temporary name, for writers that insist on an
+            extension (`numpy.savez` adds `.npz` to names without it).
+
+    Example:
+
+    ```python
+    with atomic_write("run/config.json") as partial:
+        Path(partial).write_text(text)
+    ```
+    """
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}{suffix}")
+    try:
+        yield str(partial)
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+def write_text(path, text):
+    """Writes `text` to `path` atomically (UTF-8).
+
+    Args:
+        path: the destination file; its folder must exist.
+        text: the whole contents.
+    """
+    with atomic_write(path) as partial:
+        Path(partial).write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# metrics.csv
+
+
+def _format(value):
+    if value is None or value == "":
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _write_rows(file, rows, header):
+    writer = csv.writer(file)
+    if header:
+        writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_format(row.get(column)) for column in CSV_COLUMNS])
+
+
+def append_rows(path, rows):
+    """Appends `rows` (dicts keyed by `CSV_COLUMNS`) to a metrics CSV, writing the header first if needed.
+
+    Args:
+        path: the CSV file.
+        rows: dicts; missing columns are left empty.
+    """
+    fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as file:
+        _write_rows(file, rows, header=fresh)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_rows(path):
+    """Reads a metrics CSV into a list of dicts with float values (empty cells are None).
+
+    Args:
+        path: the CSV file; a missing file reads as no rows.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as file:
+        return [
+            {key: (float(value) if value not in ("", None) else None) for key, value in record.items()}
+            for record in csv.DictReader(file)
+        ]
+
+
+def truncate_rows(path, last_step):
+    """Drops the rows after `last_step` (what a killed run logged past its checkpoint).
+
+    Args:
+        path: the CSV file.
+        last_step: the newest step to keep (-1 keeps nothing).
+    """
+    rows = read_rows(path)
+    kept = [row for row in rows if row["step"] is not None and row["step"] <= last_step]
+    if len(kept) == len(rows):
+        return
+    kept = [{k: (int(v) if k == "step" else v) for k, v in row.items()} for row in kept]
+    with atomic_write(path) as partial:
+        with open(partial, "w", newline="") as file:
+            _write_rows(file, kept, header=True)
+
+
+# ---------------------------------------------------------------------------
+# samples.txt
+
+_SECTION = re.compile(r"^=== step (\d+)")
+
+
+def sample_section(step, label, prompts, texts):
+    """One `samples.txt` section: a `=== step N (label) ===` header, then each prompt and its text.
+
+    Args:
+        step: the training step the samples were generated at.
+        label: e.g. "before training".
+        prompts: the prompts.
+        texts: the generated continuations, one a prompt.
+    """
+    lines = [f"=== step {step} ({label}) ==="]
+    for prompt, text in zip(prompts, texts):
+        lines += [f">>> {prompt}", text.rstrip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def append_text(path, text):
+    """Appends `text` to a UTF-8 file (samples.txt).
+
+    Args:
+        path: the file; created if missing.
+        text: what to append.
+    """
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(text)
+
+
+def truncate_samples(path, last_step):
+    """Drops the sections of `samples.txt` written after `last_step` (by a killed run).
+
+    Args:
+        path: the samples file.
+        last_step: the newest step whose section is kept (-1 keeps none).
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    kept = []
+    for line in lines:
+        match = _SECTION.match(line)
+        if match and int(match.group(1)) > last_step:
+            break
+        kept.append(line)
+    if len(kept) != len(lines):
+        write_text(path, "\n".join(kept).rstrip("\n") + "\n\n")
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard
+
+
+class ScalarWriter:
+    """TensorBoard scalars through TensorFlow's core summary ops (no tensorboard package needed to write).
+
+    Args:
+        directory: the event-file folder (`<run>/tensorboard`).
+    """
+
+    def __init__(self, directory):
+        self.writer = None
+        try:
+            import tensorflow as tf
+            from tensorflow.core.framework import summary_pb2
+        except ImportError:  # TensorBoard events are optional
+            return
+        self._tf = tf
+        self._metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        self.writer = tf.summary.create_file_writer(directory)
+
+    def write(self, step, scalars):
+        """Writes `{name: value}` at `step`; None and NaN values are skipped."""
+        if self.writer is None:
+            return
+        tf = self._tf
+        with self.writer.as_default():
+            for name, value in scalars.items():
+                if value is not None and value == value:
+                    tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step), metadata=self._metadata)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def validation_scalars(row):
+    """The TensorBoard scalars of a metrics row's validation columns."""
+    return {
+        "validation/loss": row.get("val_loss"),
+        "validation/perplexity": row.get("val_perplexity"),
+        "validation/accuracy": row.get("val_accuracy"),
+    }
+
+
+def log_evaluation(output_dir, step, results):
+    """Writes an evaluation outside `fit` (the one before training) as a metrics row and scalars.
+
+    Args:
+        output_dir: the run directory.
+        step: the step it describes.
+        results: keras `evaluate(..., return_dict=True)` output.
+    """
+    row = {"step": step, "val_loss": results.get("loss"), "val_perplexity": results.get("perplexity"),
+           "val_accuracy": results.get("accuracy")}
+    append_rows(os.path.join(output_dir, "metrics.csv"), [row])
+    scalars = ScalarWriter(os.path.join(output_dir, "tensorboard"))
+    scalars.write(step, validation_scalars(row))
+    scalars.close()
+
+
+# ---------------------------------------------------------------------------
+# loss.png
+
+
+def _moving_mean(values, window):
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def plot_losses(csv_path, png_path, title=""):
+    """Draws training (per step, and smoothed) and validation loss from `metrics.csv` into a PNG.
+
+    Args:
+        csv_path: the run's `metrics.csv`.
+        png_path: the picture to write (atomically).
+        title: the plot's title.
+
+    Returns:
+        The PNG path, or None when there is nothing to draw.
+    """
+    rows = read_rows(csv_path)
+    train = [(row["step"], row["loss"]) for row in rows if row.get("loss") is not None and math.isfinite(row["loss"])]
+    validation = [(row["step"], row["val_loss"]) for row in rows if row.get("val_loss") is not None]
+    if not train and not validation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        window = max(1, len(losses) // 20)
+        axes.plot(steps, losses, color="tab:blue", alpha=0.3 if window > 1 else 0.9, linewidth=1, label="train (per step)")
+        if window > 1:
+            axes.plot(steps, _moving_mean(losses, window), color="tab:blue", linewidth=2, label=f"train (mean of {window})")
+    if validation:
+        steps, losses = zip(*validation)
+        axes.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (mean next-token NLL, nats)")
+    axes.set_title(title or "loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_write(png_path, suffix=".png") as partial:
+        figure.savefig(partial)
+    pyplot.close(figure)
+    return png_path

@@ -1,0 +1,111 @@
+"""The sparse loss path: logits only where the loss is, in chunks; the same loss and gradients as keras-hub's."""
+
+import jax
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_tune import config as config_lib
+from keras_tune import fit, losses
+from keras_tune.models.loader import build_model
+from keras_tune.rundir import read_rows
+
+
+def test_capacities_are_a_few_multiples_of_8():
+    assert losses.capacities(128) == [16, 32, 64, 128]
+    assert losses.capacities(20) == [8, 16, 20]
+
+
+def test_loss_positions_list_the_weighted_positions_first_in_order():
+    weight = np.array([[0, 1, 1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]], np.float32)
+    targets = np.arange(16, dtype=np.int32).reshape(2, 8)
+    x = {"token_ids": tf.constant(targets), "padding_mask": tf.ones([2, 8], tf.bool)}
+    out, y, w = losses.add_loss_positions(x, tf.constant(targets), tf.constant(weight))
+    positions = out["loss_positions"].numpy()
+    assert positions.shape == (2, 8)  # 3 positions carry loss; capacities of 8 are [8]
+    assert positions[0, :3].tolist() == [1, 2, 5] and positions[1, :1].tolist() == [4]
+    assert sorted(positions[0]) == list(range(8))  # distinct: the rest are zero-weight positions
+    wide = {"token_ids": tf.zeros([2, 128], tf.int32), "padding_mask": tf.ones([2, 128], tf.bool)}
+    few = np.zeros([2, 128], np.float32)
+    few[0, 100:120] = 1  # 20 positions: capacity 32
+    assert losses.add_loss_positions(wide, tf.zeros([2, 128], tf.int32), tf.constant(few))[0]["loss_positions"].shape == (2, 32)
+
+
+def _batch(vocabulary, kind, seed=0, batch=4, length=24):
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(3, vocabulary, size=(batch, length)).astype(np.int32)
+    token_ids[:, 0] = 2
+    padding_mask = np.ones((batch, length), bool)
+    padding_mask[1, 18:] = False
+    targets = np.concatenate([token_ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    weight = padding_mask.astype(np.float32)
+    weight[:, -1] = 0
+    if kind == "targets":  # loss on a target span only, as translation data
+        weight[:, :10] = 0
+    elif kind == "key_tokens":  # the code recipe's key-token factor per row
+        weight *= np.array([1.0, 2.5, 1.0, 4.0], np.float32)[:, None]
+    return {"token_ids": token_ids, "padding_mask": padding_mask}, targets, weight
+
+
+def _loss_and_grads(model, x, y, weight):
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(values):
+        output, _ = model.stateless_call(values, non_trainable, x, training=False)
+        if output.shape[-1] == 2 and isinstance(model, losses.SparseLossModel):
+            per_position = output[..., 0]
+        else:
+            per_position = keras.losses.sparse_categorical_crossentropy(y, output, from_logits=True)
+        return (per_position * weight).sum() / weight.sum()
+
+    return jax.jit(jax.value_and_grad(loss_fn))(trainable)
+
+
+@pytest.mark.parametrize("mesh", ["1x1", "1x8"])
+@pytest.mark.parametrize("preset", ["gemma_tiny", "gemma2_tiny", "gemma3_tiny"])
+def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh):
+    devices = jax.devices()[:1] if mesh == "1x1" else None
+    config = config_lib.load_config(preset, overrides={"distribution.mesh": mesh, "lora.targets": "query,value,ffw_linear"})
+    causal_lm = build_model(config, lora=True, devices=devices).causal_lm
+    rng = np.random.default_rng(3)
+    for variable in causal_lm.trainable_variables:  # LoRA B starts at 0: make every adapter matter
+        variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
+    trainer = losses.SparseLossModel(causal_lm, chunk_tokens=16)  # several chunks, the last one padded
+    if preset == "gemma2_tiny":
+        assert causal_lm.backbone.final_logit_soft_cap  # the soft-cap is on this path
+    for kind in ("targets", "key_tokens", "all"):
+        x, y, weight = _batch(causal_lm.backbone.vocabulary_size, kind)
+        full_loss, full_grads = _loss_and_grads(causal_lm, x, y, weight)
+        sparse_x, _, _ = losses.add_loss_positions(
+            {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight)
+        )
+        assert sparse_x["loss_positions"].shape[1] < 24 or kind != "targets"
+        sparse_loss, sparse_grads = _loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
+        np.testing.assert_allclose(sparse_loss, full_loss, rtol=1e-5)
+        for full, sparse in zip(full_grads, sparse_grads):
+            scale = float(np.abs(full).max())
+            np.testing.assert_allclose(sparse, full, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _run(tmp_path, loss):
+    from test_fit import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    config = config_lib.load_config("gemma_tiny", overrides={
+        "data.name": "text", "data.path": corpus, "train.steps": 4, "train.eval_every": 2,
+        "train.output_dir": str(tmp_path / loss), "train.loss": loss, "train.loss_chunk_tokens": 32,
+    })
+    return fit.run(config), read_rows(str(tmp_path / loss / "metrics.csv"))
+
+
+def test_a_sparse_run_logs_the_same_losses_and_metrics_as_a_full_one(tmp_path):
+    sparse, sparse_rows = _run(tmp_path, "sparse")
+    full, full_rows = _run(tmp_path, "full")
+    assert [r["step"] for r in sparse_rows] == [r["step"] for r in full_rows] == [0, 1, 2, 3, 4]
+    for column in ("loss", "val_loss", "val_perplexity", "val_accuracy"):
+        got = [r[column] for r in sparse_rows if r[column] is not None]
+        want = [r[column] for r in full_rows if r[column] is not None]
+        np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=column)
+    assert sparse.validation["loss"] == pytest.approx(full.validation["loss"], rel=2e-5)

@@ -1,0 +1,158 @@
+"""Runs that end well: SIGTERM checkpoints and exits 143, bad run directories and full disks are one line."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from keras_tune import cli
+from keras_tune.rundir import read_rows
+from test_fit import write_corpus
+from test_resume import REPO, _adapter, _env, _max_diff
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("preemption") / "corpus.txt")
+
+
+def _flags(corpus, out, steps=STEPS):
+    return ["--preset", "gemma_tiny", "--data", "text", "--data-path", corpus, "--steps", str(steps),
+            "--save-every", "8", "--eval-every", "8", "--eval-steps", "1", "--output-dir", str(out)]
+
+
+def test_sigterm_checkpoints_the_current_step_exits_143_and_the_rerun_ends_where_an_uninterrupted_run_ends(
+        corpus, tmp_path):
+    reference = tmp_path / "reference"
+    assert cli.fit_main(_flags(corpus, reference)) == 0
+    out = tmp_path / "preempted"
+    command = [sys.executable, "-m", "keras_tune.fit", *_flags(corpus, out)]
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        metrics = out / "metrics.csv"
+        deadline = time.time() + 240
+        # Signal once training is under way (a few steps logged), between checkpoints.
+        while process.poll() is None and time.time() < deadline:
+            rows = read_rows(str(metrics)) if metrics.exists() else []
+            if any(row["loss"] is not None for row in rows):
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = log_path.read_text()
+    assert process.returncode == 143, output[-3000:]
+    stopped = [line for line in output.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and "run the same command again to continue" in stopped[0], output[-2000:]
+    assert "Traceback" not in output
+    saved = sorted(int(step) for step in os.listdir(out / "checkpoints") if step.isdigit())
+    assert saved and saved[-1] < STEPS and not (out / "adapter.npz").exists()
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/{saved[-1]}: step {saved[-1]}" in resumed.stdout
+    assert _max_diff(_adapter(reference / "adapter.npz"), _adapter(out / "adapter.npz")) <= 1e-6
+    assert [r["step"] for r in read_rows(str(out / "metrics.csv"))] == list(range(STEPS + 1))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("keras_tune.models.loader.load_causal_lm", must_not_build)
+
+
+def _one_error_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, no_model):
+    taken = tmp_path / "taken"
+    taken.write_text("keep")
+    assert cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(taken)]) == 2
+    assert "is a file; expected a directory" in _one_error_line(capsys)
+    assert cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(taken / "run")]) == 2
+    assert "cannot create it" in _one_error_line(capsys)
+    assert taken.read_text() == "keep"
+
+
+def test_an_output_dir_nobody_may_create_is_one_line_and_exit_2(tmp_path, capsys, no_model, monkeypatch):
+    def refuse(path, exist_ok=False):  # what a non-root user meets in a folder of root's
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr("keras_tune.fit.os.makedirs", refuse)
+    assert cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(tmp_path / "locked" / "run")]) == 2
+    assert "cannot create it (Permission denied)" in _one_error_line(capsys)
+
+
+def test_a_bad_output_dir_in_a_real_process_is_one_line(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("keep")
+    result = subprocess.run([sys.executable, "-m", "keras_tune.fit", "--preset", "gemma_tiny", "--output-dir",
+                             str(taken)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: --output-dir {taken}: is a file; expected a directory " \
+                                                      "(new, or a run to continue)"
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_adapter(corpus, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    assert cli.fit_main(_flags(corpus, out, steps=8)) == 0
+    adapter = _adapter(out / "adapter.npz")
+    capsys.readouterr()
+    import orbax.checkpoint as ocp
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", _full_disk)
+    assert cli.fit_main(_flags(corpus, out, steps=16)) == 4  # continue to 16: the checkpoint at 16 cannot be written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not write checkpoint 16"), err
+    assert f"the previous checkpoint {out}/checkpoints/8 is intact" in err[0]
+    assert sorted(os.listdir(out / "checkpoints")) == ["8"]
+    assert _max_diff(_adapter(out / "adapter.npz"), adapter) == 0
+
+
+def test_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli.fit_main(_flags(corpus, out, steps=8)) == 0
+    adapter = _adapter(out / "adapter.npz")
+    capsys.readouterr()
+
+    def savez_then_full(path, **arrays):
+        with open(path, "wb") as file:
+            file.write(b"half an adapter")
+        _full_disk()
+
+    monkeypatch.setattr("keras_tune.lora.np.savez", savez_then_full)
+    assert cli.fit_main(_flags(corpus, out, steps=16)) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not write" in err[0] and "No space left on device" in err[0], err
+    assert "checkpoints/16 are intact" in err[0] or "checkpoint " in err[0]
+    assert _max_diff(_adapter(out / "adapter.npz"), adapter) == 0
+    assert not [name for name in os.listdir(out) if ".partial-" in name]
+    assert np.isfinite(read_rows(str(out / "metrics.csv"))[-1]["loss"])
+
+
+def test_seq_len_beyond_the_trained_context_is_a_warning_naming_both(capsys, no_model):
+    assert cli.fit_main(["--preset", "gemma_2b_en", "--seq-len", "9000", "--mesh", "1x8", "--batch-size", "8",
+                         "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "--seq-len 9000 is beyond the 8192 tokens gemma_2b_en was trained on" in err
