@@ -63,6 +63,12 @@ FIT_FLAGS = (
     ("--sample-every", "train.sample_every", int, "generate samples every N steps (0 = before and after only)"),
     ("--sample-max-length", "train.sample_max_length", int, "prompt + generated tokens of a sample"),
     ("--peak-tflops", "train.peak_tflops", float, "peak TFLOP/s of one device for the MFU estimate (0 = from the device table)"),
+    ("--quantize", "train.quantize", str, "store the frozen base as int8 or int4 (QLoRA-style; LoRA stays float32)"),
+    ("--remat", "train.remat", bool, "recompute each decoder block in the backward pass (less memory, ~1/3 more compute)"),
+    ("--device-memory", "train.device_memory", str, "memory of one device for the --dry-run planner, e.g. 16GiB"),
+    ("--coordinator", "distribution.coordinator", str, "multi-process: HOST:PORT of process 0"),
+    ("--num-processes", "distribution.num_processes", int, "multi-process: how many processes (hosts) take part"),
+    ("--process-id", "distribution.process_id", int, "multi-process: this process's index, 0 .. N-1"),
     ("--show-sharding", "run.show_sharding", bool, "print the sharding table"),
     ("--dry-run", "run.dry_run", bool, "plan only: shapes, sharding and memory, no weights"),
 )

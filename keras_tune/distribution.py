@@ -61,6 +61,76 @@ def simulate_devices(count):
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+INITIALIZATION_TIMEOUT_S = 60
+_COORDINATOR = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$")
+
+
+def _multi_process_request(dist):
+    """`(coordinator, num_processes, process_id)` the config or Keras' variables ask for, or None."""
+    if dist.coordinator or dist.num_processes > 1:
+        if not (dist.coordinator and dist.num_processes > 1 and dist.process_id >= 0):
+            raise UserError(
+                f"multi-process run: got --coordinator '{dist.coordinator}', --num-processes {dist.num_processes}, "
+                f"--process-id {dist.process_id}; expected all three (e.g. --coordinator 10.0.0.1:1234 "
+                "--num-processes 2 --process-id 0)"
+            )
+        if not _COORDINATOR.match(dist.coordinator) or int(dist.coordinator.rsplit(":", 1)[1]) > 65535:
+            raise UserError(f"--coordinator '{dist.coordinator}': expected HOST:PORT, e.g. 10.0.0.1:1234")
+        return dist.coordinator, dist.num_processes, dist.process_id
+    if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES") or os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
+        return None, None, None  # keras.distribution.initialize reads its own variables
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return None, None, None  # a Cloud TPU pod slice: JAX discovers every host itself
+    return None
+
+
+def start_processes(config):
+    """Starts JAX's multi-controller runtime for a multi-process run; does nothing for one process.
+
+    Called before anything touches a device. Reads `--coordinator`,
+    `--num-processes`, `--process-id`, else Keras' `KERAS_DISTRIBUTION_*`
+    variables, else a Cloud TPU pod's own discovery. On CPU hosts, collectives
+    go through gloo. A coordinator nobody answers, or a set of processes that
+    never completes, is one `error:` line and exit 2 after
+    `INITIALIZATION_TIMEOUT_S` seconds, not a hang.
+
+    Args:
+        config: the validated run config.
+
+    Returns:
+        True when several processes take part.
+    """
+    import sys
+    import threading
+
+    request = _multi_process_request(config.distribution)
+    if request is None:
+        return False
+    import jax
+    import keras
+
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    coordinator, count, index = request
+    timeout = float(os.environ.get("KERAS_TUNE_INITIALIZATION_TIMEOUT_S", INITIALIZATION_TIMEOUT_S))
+
+    def give_up():  # the runtime blocks in C++: only leaving the process ends the wait
+        print(f"error: --coordinator {coordinator or 'from the environment'}: the {count or 'expected'} processes "
+              f"did not all connect within {timeout:g} s; expected process 0 listening at that address and every "
+              "--process-id from 0 to N-1 started with the same --num-processes", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        keras.distribution.initialize(job_addresses=coordinator, num_processes=count, process_id=index)
+    finally:
+        watchdog.cancel()
+    return jax.process_count() > 1
+
+
 def parse_mesh(text, device_count):
     """Turns `"BxM"` or `"auto"` into `(batch, model)` sizes for `device_count` devices.
 
@@ -238,6 +308,7 @@ def resolve_layout(layout, variables, mesh_sizes):
         placements.append(
             Placement(path, shape, str(variable.dtype), bool(variable.trainable), tuple(axes), rule_pattern, note)
         )
+    placements = _lora_follows_its_kernel(placements, mesh_sizes)
     unused = [pattern for pattern, count in matched.items() if count == 0]
     if unused:
         raise UserError(
@@ -245,6 +316,33 @@ def resolve_layout(layout, variables, mesh_sizes):
             f"expected paths such as {placements[1].path if len(placements) > 1 else '...'}"
         )
     return placements
+
+
+def _lora_follows_its_kernel(placements, mesh_sizes):
+    """Shards each LoRA matrix no rule placed the way its base kernel is sharded.
+
+    `lora_kernel_a` has the kernel's shape with the last dimension replaced by
+    the rank, `lora_kernel_b` is `(rank, last dimension)`: A takes the kernel's
+    axes but the last, B the last one, where the dimension divides the axis.
+    Replicated, the LoRA weights of Gemma 7B r4 and their AdamW state would take
+    126 MiB on every device.
+    """
+    by_path = {p.path: p for p in placements}
+    out = []
+    for placement in placements:
+        base = placement.path.rsplit("/", 1)[0] + "/kernel"
+        kernel = by_path.get(base)
+        if placement.rule or kernel is None or not placement.path.endswith(("/lora_kernel_a", "/lora_kernel_b")):
+            out.append(placement)
+            continue
+        if placement.path.endswith("_a"):
+            axes = tuple(kernel.axes[:-1]) + (None,)
+        else:
+            axes = (None, kernel.axes[-1])
+        if any(axes) and _fits(placement.shape, axes, mesh_sizes):
+            placement = dataclasses.replace(placement, axes=axes, note=f"as {base}")
+        out.append(placement)
+    return out
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int8": 1, "float64": 8}
@@ -273,10 +371,8 @@ class ShardingPlan:
         return layout_map
 
     def distribution(self):
-        """The keras `ModelParallel` distribution for this plan."""
-        import keras
-
-        return keras.distribution.ModelParallel(layout_map=self.layout_map(), batch_dim_name="batch")
+        """The keras `ModelParallel` distribution for this plan (see `PlanParallel`)."""
+        return _plan_parallel_class()(layout_map=self.layout_map(), batch_dim_name="batch")
 
     def memory(self, optimizer_slots=2, dtype_bytes=None):
         """Bytes per device for base weights, LoRA/trainable weights and optimizer state.
@@ -323,6 +419,45 @@ class ShardingPlan:
             f"{format_bytes(memory['replicated'])} replicated per device"
         )
         return "\n".join(lines)
+
+
+def packed_layout_axes(shape, model_size):
+    """Axes for a variable whose planned layout no longer fits its rank (an int4 kernel, packed to 2-D).
+
+    Shards the last (output) dimension over "model" where it divides, else the
+    first, else replicates: a quantized kernel is the model's bulk, and Keras
+    would otherwise fail on a layout of the unquantized rank.
+
+    Args:
+        shape: the variable's shape.
+        model_size: the size of the mesh's "model" axis.
+    """
+    axes = [None] * len(shape)
+    for dim in (len(shape) - 1, 0):
+        if len(shape) and model_size > 1 and shape[dim] % model_size == 0:
+            axes[dim] = "model"
+            break
+    return tuple(axes)
+
+
+def _plan_parallel_class():
+    import keras
+
+    class PlanParallel(keras.distribution.ModelParallel):
+        """`ModelParallel` whose layout follows the plan, re-laid for variables that changed rank.
+
+        Keras' `quantize("int4")` replaces a kernel by a packed 2-D one under the
+        same path; the plan's layout of the float kernel cannot apply to it.
+        """
+
+        def get_variable_layout(self, variable):
+            layout = super().get_variable_layout(variable)
+            if layout.axes is not None and len(layout.axes) != len(variable.shape):
+                model_size = dict(zip(self.device_mesh.axis_names, self.device_mesh.shape)).get("model", 1)
+                return keras.distribution.TensorLayout(packed_layout_axes(variable.shape, model_size), self.device_mesh)
+            return layout
+
+    return PlanParallel
 
 
 def plan_sharding(config, variables, devices=None):

@@ -90,7 +90,10 @@ def run(config, devices=None, callbacks=()):
     from keras_tune.checkpoint import CheckpointStore
     from keras_tune.models.loader import check_source
 
+    from keras_tune.distribution import start_processes
+
     output_dir = None if config.run.dry_run else check_output_dir(resolve_output_dir(config))
+    start_processes(config)  # before anything touches a device
     plan, planned = plan_run(config, devices)
     if config.run.dry_run:
         return RunResult(output_dir="", plan=plan, trainable=planned)
@@ -256,7 +259,8 @@ def prepare_run_dir(config, plan, store, output_dir):
     elif config.train.resume and not store.steps():
         raise UserError(f"--resume: {output_dir} holds no checkpoint; expected the directory of a run that saved one")
     _make_run_dir(output_dir)
-    rundir.write_text(os.path.join(output_dir, "config.json"), config_lib.to_json(config))
+    if rundir.is_primary():
+        rundir.write_text(os.path.join(output_dir, "config.json"), config_lib.to_json(config))
     return identity
 
 
@@ -530,7 +534,7 @@ def fit_steps(trainer, causal_lm, data, config, plan, store, identity, output_di
             steps_per_epoch=period,
             shuffle=False,  # the data module shuffles, seeded
             callbacks=[*ours, *callbacks, clock],  # the clock last: callback work is not step time
-            verbose=1 if sys.stdout.isatty() else 2,
+            verbose=(1 if sys.stdout.isatty() else 2) if rundir.is_primary() else 0,  # one progress bar
         )
     return progress, fitted.history
 
