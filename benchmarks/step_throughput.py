@@ -144,7 +144,9 @@ def plain_side(job):
         with open(job["data_path"]) as file:
             records = [json.loads(line) for line in file]
         records = (records * (1 + count // len(records)))[:count]
-        inputs = {"prompts": [r["prompt"] for r in records], "responses": [r["response"] for r in records]}
+        # A document ({"text"}) is a response with an empty prompt: loss on every token.
+        inputs = {"prompts": [r.get("prompt", "") for r in records],
+                  "responses": [r.get("response", r.get("text")) for r in records]}
     else:
         strings = common.read_plain_strings(job["data_path"])
         inputs = (strings * (1 + count // len(strings)))[:count]
@@ -211,6 +213,7 @@ def keras_tune_side(job):
         "optimizer.learning_rate": 5e-5,
         "optimizer.weight_decay": 0.01,
     }
+    overrides.update(job.get("overrides", {}))  # the loss path, quantization, document masking...
     config = keras_tune.load_config(job["preset"], overrides=overrides)
 
     # The exact batches keras_tune's pipeline makes for this run, replayed in order,
@@ -229,8 +232,8 @@ def keras_tune_side(job):
             counts[:] = [(1, 1, job["batch"] * job["seq_len"])] * job["steps"]
             return bundle
         batches = list(bundle.train.repeat().take(job["steps"]).as_numpy_iterator())
-        counts[:] = [(int(x["padding_mask"].sum()), int((w > 0).sum()), int(x["padding_mask"].size))
-                     for x, _, w in batches]
+        counts[:] = [(int((x["padding_mask"] != 0).sum()), int((w > 0).sum()), int(x["padding_mask"].size))
+                     for x, _, w in batches]  # a mask or segment ids: non-zero is a real token
         bundle.train = replay_dataset(batches)
         info["report"] = bundle.report
         info["built_s"] = time.perf_counter() - started

@@ -40,6 +40,7 @@ _EXPORTS = {
     "load_layout": "keras_tune.distribution",
     "list_layouts": "keras_tune.distribution",
     "plan_sharding": "keras_tune.distribution",
+    "plan_memory": "keras_tune.memory",
     "abstract_model": "keras_tune.models.loader",
     "load_causal_lm": "keras_tune.models.loader",
     "build_model": "keras_tune.models.loader",

@@ -29,7 +29,7 @@ MODEL_FLAGS = (
     ("--mesh", "distribution.mesh", str, "device mesh BxM (batch x model), e.g. 1x8, 2x4, 8x1; 'auto' = 1xN"),
     ("--layout", "distribution.layout", str, "layout name (see layouts/) or path to a layout .json"),
     ("--simulate-devices", "distribution.simulate_devices", int, "CPU only: expose N host devices to try any mesh"),
-    ("--precision", "train.precision", str, "float32, mixed_bfloat16 (train on GPU/TPU) or bfloat16 (inference)"),
+    ("--precision", "train.precision", str, "float32, mixed_bfloat16 or bfloat16 (weights and compute; LoRA stays float32)"),
 )
 
 FIT_FLAGS = (
@@ -65,7 +65,7 @@ FIT_FLAGS = (
     ("--peak-tflops", "train.peak_tflops", float, "peak TFLOP/s of one device for the MFU estimate (0 = from the device table)"),
     ("--quantize", "train.quantize", str, "store the frozen base as int8 or int4 (QLoRA-style; LoRA stays float32)"),
     ("--remat", "train.remat", bool, "recompute each decoder block in the backward pass (less memory, ~1/3 more compute)"),
-    ("--device-memory", "train.device_memory", str, "memory of one device for the --dry-run planner, e.g. 16GiB"),
+    ("--device-memory", "train.device_memory", str, "memory of one device for the --dry-run planner, e.g. 16GiB or 80GB (default: the device's own figure or the device table)"),
     ("--coordinator", "distribution.coordinator", str, "multi-process: HOST:PORT of process 0"),
     ("--num-processes", "distribution.num_processes", int, "multi-process: how many processes (hosts) take part"),
     ("--process-id", "distribution.process_id", int, "multi-process: this process's index, 0 .. N-1"),

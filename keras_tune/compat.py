@@ -140,3 +140,28 @@ def untracked_attributes():
     from keras.src.utils import tracking
 
     return tracking.DotNotTrackScope()
+
+
+def set_random_seed(seed):
+    """`keras.utils.set_random_seed` without `tf.random.set_seed`.
+
+    `tf.random.set_seed` clears TensorFlow's eager kernel cache, and
+    tensorflow-text's SentencePiece op owns its model resource through its
+    kernel: every Gemma tokenizer built before the call stops working ("Resource
+    ..._SentencepieceOp does not exist"), e.g. a notebook's second model. Our
+    tf.data shuffles take explicit seeds, so TensorFlow's global seed is not
+    needed; Python's, NumPy's and Keras' global seed generator are set as Keras does.
+
+    Args:
+        seed: the integer seed.
+    """
+    import random
+
+    import numpy as np
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    set_keras_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, int(seed))
+    set_keras_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)

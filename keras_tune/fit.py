@@ -174,6 +174,10 @@ def plan_run(config, devices=None):
             "per device: base weights {frozen}, trainable weights {trainable}, optimizer state {optimizer} "
             "(of which replicated {replicated})".format(**{k: format_bytes(v) for k, v in memory.items()})
         )
+        from keras_tune.memory import PLANNED_FAMILIES, format_memory_report, plan_memory
+
+        if config.model.family in PLANNED_FAMILIES:
+            print(format_memory_report(plan_memory(config, plan)))
     return plan, planned
 
 

@@ -53,6 +53,14 @@ def capacities(length):
     return sorted(levels)
 
 
+def _capacity_tf(length, fraction):
+    """`capacities` for one fraction, in TF ops (bucketed batches have no static length)."""
+    import tensorflow as tf
+
+    eighths = tf.cast(tf.math.ceil(tf.cast(length, tf.float32) * fraction / 8.0), tf.int32) * 8
+    return tf.minimum(length, tf.maximum(8, eighths))
+
+
 def add_loss_positions(x, y, sample_weight):
     """A tf.data map: adds `loss_positions` and `targets` to a batch's inputs.
 
@@ -68,11 +76,11 @@ def add_loss_positions(x, y, sample_weight):
     """
     import tensorflow as tf
 
-    length = x["token_ids"].shape[1]
+    length = tf.shape(x["token_ids"])[1]
     carries = tf.cast(sample_weight > 0, tf.int32)
     fullest = tf.reduce_max(tf.reduce_sum(carries, axis=1))
-    levels = tf.constant(capacities(length), tf.int32)
-    capacity = tf.gather(levels, tf.reduce_sum(tf.cast(levels < fullest, tf.int32)))
+    levels = tf.stack([_capacity_tf(length, f) for f in CAPACITY_FRACTIONS])
+    capacity = tf.reduce_min(tf.boolean_mask(levels, levels >= fullest))
     order = tf.argsort(carries, axis=1, direction="DESCENDING", stable=True)
     positions = tf.cast(order[:, :capacity], tf.int32)
     return {**x, "loss_positions": positions, "targets": tf.cast(y, tf.int32)}, y, sample_weight

@@ -155,3 +155,13 @@ def test_gemma1_transformers_export_projects_every_head_like_the_keras_model(tmp
     kernel = np.asarray(ops.convert_to_numpy(attention.output_dense.kernel))  # (heads, head_dim, hidden)
     np.testing.assert_allclose(tensors["model.layers.1.self_attn.o_proj.weight"] @ heads.reshape(-1),
                                np.einsum("nh,nhd->d", heads, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_building_a_model_leaves_tokenizers_built_before_it_working(tok):
+    """tf.random.set_seed (inside keras.utils.set_random_seed) would drop their SentencePiece resources."""
+    import tensorflow as tf
+
+    before = list(tf.data.Dataset.from_tensor_slices(["hello world"]).map(tok).as_numpy_iterator())
+    build_model(config_lib.load_config("gemma3_tiny"))
+    after = list(tf.data.Dataset.from_tensor_slices(["hello world"]).map(tok).as_numpy_iterator())
+    np.testing.assert_array_equal(after[0], before[0])

@@ -12,6 +12,7 @@ import glob
 import os
 import time
 
+from keras_tune import compat
 from keras_tune.errors import UserError
 
 
@@ -68,7 +69,6 @@ def abstract_model(config, lora=True):
     """
     import keras
 
-    from keras_tune import compat
     from keras_tune.lora import apply_lora
 
     backbone_cls, _, _ = _classes(config.model.family)
@@ -159,7 +159,7 @@ def load_causal_lm(config):
     if model.source == "tiny":
         from keras_tune.models.tiny import tiny_tokenizer
 
-        keras.utils.set_random_seed(config.train.seed)
+        compat.set_random_seed(config.train.seed)
         tokenizer = tiny_tokenizer(model.family)
         arch = dict(model.arch)
         if arch["vocabulary_size"] != tokenizer.vocabulary_size():
@@ -279,7 +279,7 @@ def build_model(config, *, lora=False, plan=None, devices=None):
         read_adapter(adapter)  # an unreadable file fails before the model is built
     if plan is None:
         plan = plan_sharding(config, abstract_model(config, lora=lora).weights, devices=devices)
-    keras.utils.set_random_seed(config.train.seed)
+    compat.set_random_seed(config.train.seed)  # not keras.utils: see compat
     keras.config.set_dtype_policy(config.train.precision)
     keras.distribution.set_distribution(plan.distribution())
     started = time.perf_counter()
