@@ -41,6 +41,7 @@ _EXPORTS = {
     "list_layouts": "keras_tune.distribution",
     "plan_sharding": "keras_tune.distribution",
     "plan_memory": "keras_tune.memory",
+    "format_memory_report": "keras_tune.memory",
     "abstract_model": "keras_tune.models.loader",
     "load_causal_lm": "keras_tune.models.loader",
     "build_model": "keras_tune.models.loader",

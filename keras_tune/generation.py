@@ -62,6 +62,9 @@ def generate_texts(causal_lm, preprocessor, prompts, max_length, chat=False):
         chat: wrap each prompt in the Gemma chat turn format and stop at `<end_of_turn>`.
     """
     inputs = [chat_prompt(p) if chat else p for p in prompts]
+    # The batch is split over the mesh's batch axis: pad it to a multiple with copies, drop them after.
+    multiple = _batch_axis_size()
+    inputs += inputs[-1:] * (-len(inputs) % multiple)
     before = causal_lm.preprocessor
     causal_lm.preprocessor = preprocessor
     try:
@@ -73,7 +76,20 @@ def generate_texts(causal_lm, preprocessor, prompts, max_length, chat=False):
         )
     finally:
         causal_lm.preprocessor = before
-    return [outputs] if isinstance(outputs, str) else [str(o) for o in outputs]
+    texts = [outputs] if isinstance(outputs, str) else [str(o) for o in outputs]
+    return texts[: len(prompts)]
+
+
+def _batch_axis_size():
+    """How many ways the active keras distribution splits a batch (1 without one)."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    if mesh is None:
+        return 1
+    name = getattr(distribution, "batch_dim_name", None) or mesh.axis_names[0]
+    return int(dict(zip(mesh.axis_names, mesh.shape)).get(name, 1))
 
 
 def make_sampler(name="greedy", temperature=1.0, top_k=50, top_p=0.9, seed=None):

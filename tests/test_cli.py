@@ -165,3 +165,13 @@ def test_building_a_model_leaves_tokenizers_built_before_it_working(tok):
     build_model(config_lib.load_config("gemma3_tiny"))
     after = list(tf.data.Dataset.from_tensor_slices(["hello world"]).map(tok).as_numpy_iterator())
     np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_generation_pads_the_prompts_to_the_mesh_batch_axis():
+    from keras_tune.generation import generate_texts
+
+    config = config_lib.load_config("gemma_tiny", overrides={"distribution.mesh": "8x1"})
+    causal_lm = build_model(config).causal_lm
+    causal_lm.compile(sampler="greedy")
+    texts = generate_texts(causal_lm, causal_lm.preprocessor, ["one", "two", "three"], max_length=8)
+    assert len(texts) == 3
