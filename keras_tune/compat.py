@@ -148,9 +148,9 @@ def set_random_seed(seed):
     `tf.random.set_seed` clears TensorFlow's eager kernel cache, and
     tensorflow-text's SentencePiece op owns its model resource through its
     kernel: every Gemma tokenizer built before the call stops working ("Resource
-    ..._SentencepieceOp does not exist"), e.g. a notebook's second model. Our
-    tf.data shuffles take explicit seeds, so TensorFlow's global seed is not
-    needed; Python's, NumPy's and Keras' global seed generator are set as Keras does.
+    ..._SentencepieceOp does not exist"), e.g. a notebook's second model. Here
+    Python's, NumPy's, Keras' and TensorFlow's global seeds are set as Keras
+    sets them, and the kernel cache is left alone.
 
     Args:
         seed: the integer seed.
@@ -165,3 +165,11 @@ def set_random_seed(seed):
     set_keras_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
     random.seed(seed)
     np.random.seed(seed)
+    # TensorFlow's global seed still decides tf.data's shuffle order (it combines with
+    # each op's seed), so a run's batches must not depend on what ran before in the
+    # process: set it as `tf.random.set_seed` does, minus the cache clearing.
+    from tensorflow.python.eager import context
+
+    eager = context.context()
+    eager._seed = int(seed)
+    eager._rng = random.Random(int(seed))
