@@ -82,3 +82,43 @@ def test_one_step_gives_the_same_loss_and_lora_update_on_every_mesh():
         np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, err_msg=mesh)
         for path, value in reference_lora.items():
             np.testing.assert_allclose(lora[path], value, rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {path}")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_the_uninterrupted_run(mtnt_run, tmp_path):
+    data_dir = mtnt_run[0]
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The reference is a fresh process too, started the way the killed run is, so the
+    # two differ only in the kill.
+    reference = str(tmp_path / "uninterrupted")
+    finished = subprocess.run(
+        [sys.executable, "-m", "keras_tune.fit", *_flags(data_dir, reference)],
+        cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "keras_tune.fit", *_flags(data_dir, out)]
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        first = out / "checkpoints" / str(SAVE_EVERY)
+        deadline = time.time() + 240
+        while not first.is_dir() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert first.is_dir(), (tmp_path / "first.log").read_text()[-3000:]
+    assert not (out / "adapter.npz").exists(), "the run finished before it was killed"
+    saved = max(int(step) for step in os.listdir(out / "checkpoints") if step.isdigit())
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/{saved}: step {saved} of {STEPS}" in resumed.stdout
+    assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
+    rows_a, rows_b = read_rows(os.path.join(reference, "metrics.csv")), read_rows(str(out / "metrics.csv"))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for row_a, row_b in zip(rows_a, rows_b):
+        for column in COMPARED:
+            if row_a[column] is None:
+                assert row_b[column] is None, (row_a["step"], column)
+            else:
+                assert row_b[column] == pytest.approx(row_a[column], rel=1e-4, abs=1e-6), (row_a["step"], column)
