@@ -22,6 +22,7 @@ Usage:
 python benchmarks/memory_planner.py               # both tables (~2 min on 2 cores)
 python benchmarks/memory_planner.py --only-verdicts
 python benchmarks/memory_planner.py --json out.json
+python benchmarks/memory_planner.py --preset recurrentgemma_tiny   # only that preset's compiled cases
 ```
 """
 
@@ -51,6 +52,12 @@ COMPILED_CASES = (
                                              "ffw_gating_2", "ffw_linear")}),
     ("gemma3_tiny", "1x1", {"data.seq_len": 256, "data.batch_size": 2}),
     ("gemma3_270m_offline", "1x1", {}),
+    # RecurrentGemma: recurrent and local-attention blocks (the planner's `recurrent_block_activations`).
+    *(("recurrentgemma_tiny", mesh, {}) for mesh in ("1x1", "1x8", "2x4")),
+    ("recurrentgemma_tiny", "1x1", {"lora.rank": 0}),
+    ("recurrentgemma_tiny", "1x1", {"train.loss": "full"}),
+    ("recurrentgemma_tiny", "2x4", {"distribution.layout": "recurrentgemma_fsdp"}),
+    ("recurrentgemma_tiny", "1x1", {"data.seq_len": 256, "data.batch_size": 2}),
 )
 
 VERDICT_PRESETS = ("gemma_2b_en", "gemma_7b_en", "gemma2_9b_en", "gemma2_27b_en", "gemma3_4b_text",
@@ -260,15 +267,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only-verdicts", action="store_true", help="only the verdict table (seconds)")
     parser.add_argument("--quick", action="store_true", help="the tiny presets on 1x1 and 1x8 only")
+    parser.add_argument("--preset", help="only the compiled cases of this preset (and no verdict table)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     started = time.time()
     figures = {"command": " ".join(["python", "benchmarks/memory_planner.py", *(argv or sys.argv[1:])])}
     if not args.only_verdicts:
         cases = [c for c in COMPILED_CASES if not args.quick or (c[1] in ("1x1", "1x8") and not c[2] and "tiny" in c[0])]
+        cases = [c for c in cases if not args.preset or c[0] == args.preset]
         figures["compiled"] = compiled_rows(cases)
         print("## Planned vs XLA-compiled memory per device (CPU XLA, float32)\n")
         print(compiled_table(figures["compiled"]) + "\n")
+    if args.preset:  # one preset's compiled cases only
+        return _finish(figures, started, args.json)
+    if not args.only_verdicts:
         config = _config("gemma3_270m_offline", "1x1", {})
         peak = measured_peak(config)
         figures["accelerator_peak"] = peak
@@ -276,10 +288,15 @@ def main(argv=None):
     figures["verdicts"] = verdict_rows()
     print("## Planner verdicts, LoRA rank 4, batch and precision of the preset\n")
     print(verdict_table(figures["verdicts"]) + "\n")
+    return _finish(figures, started, args.json)
+
+
+def _finish(figures, started, json_path):
+    # The wall time, and the figures as JSON where asked.
     figures["wall_s"] = round(time.time() - started, 1)
     print(f"({figures['wall_s']} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2, default=str))
     return 0
 
 

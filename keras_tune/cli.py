@@ -34,7 +34,8 @@ MODEL_FLAGS = (
 
 FIT_FLAGS = (
     ("--lora-rank", "lora.rank", int, "LoRA rank; 0 = full fine-tuning"),
-    ("--lora-targets", "lora.targets", str, "comma list of layers: query,key,value,attention_output,ffw_gating,ffw_gating_2,ffw_linear"),
+    ("--lora-targets", "lora.targets", str, "comma list of layers: query,key,value,attention_output,ffw_gating,ffw_gating_2,ffw_linear; "
+     "RecurrentGemma's recurrent blocks also linear_x,linear_y,linear_out"),
     ("--lora-alpha", "lora.alpha", float, "LoRA alpha (update scaled by alpha/rank); 0 = rank"),
     ("--data", "data.name", str, "recipe: imdb, mtnt, code, text, chat"),
     ("--data-path", "data.path", str, "your files: directory, glob, .txt, .jsonl, .csv"),
@@ -210,20 +211,39 @@ def build_fit_parser():
     return parser
 
 
+def aligned_table(header, rows, right=()):
+    """Rows of text as columns as wide as their widest cell; the last column is not padded.
+
+    Args:
+        header: the column titles.
+        rows: tuples of cells (strings), one per column.
+        right: indices of right-aligned (numeric) columns.
+    """
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(row):
+        cells = [f"{cell:>{width}}" if i in right else f"{cell:<{width}}"
+                 for i, (cell, width) in enumerate(zip(row[:-1], widths))]
+        return "  ".join([*cells, str(row[-1])]).rstrip()
+
+    return "\n".join(line(row) for row in (header, *rows))
+
+
 def list_presets_table():
     """Table of every shipped preset with its parameter count (planned, no download)."""
     from keras_tune.lora import count_parameters
     from keras_tune.models.loader import abstract_model
 
-    lines = [f"{'preset':<28} {'family':<7} {'source':<7} {'parameters':>15}  description"]
+    rows = []
     for name in config_lib.list_presets():
         config = config_lib.load_config(name)
+        description = config.description
         try:
             count = f"{count_parameters(abstract_model(config, lora=False).weights):,}"
-        except UserError as error:  # e.g. the registry package is not installed
-            count = f"? ({error})"
-        lines.append(f"{name:<28} {config.model.family:<7} {config.model.source:<7} {count:>15}  {config.description}")
-    return "\n".join(lines)
+        except UserError as error:  # e.g. the registry package is not installed: say why after the description
+            count, description = "?", f"{description} (parameters unknown: {error})"
+        rows.append((name, config.model.family, config.model.source, count, description))
+    return aligned_table(("preset", "family", "source", "parameters", "description"), rows, right=(3,))
 
 
 def fit_main(argv=None):

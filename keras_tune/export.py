@@ -10,7 +10,8 @@ any of four outputs, each named by its own flag:
   `tokenizer.json` (Gemma 1/3).
 - `--gguf FILE` (`--gguf-dtype f32|f16`): the merged model for llama.cpp and
   Ollama (Gemma 3).
-- `--keras-preset DIR`: the merged model as a keras-hub preset.
+- `--keras-preset DIR`: the merged model as a keras-hub preset (every family;
+  the only output for RecurrentGemma).
 
 Every output is checked before the model is built: an existing file or a
 non-empty directory is refused, so nothing already written is lost.
@@ -60,11 +61,14 @@ def check_outputs(args, config):
         args: the parsed arguments.
         config: the validated config they describe.
     """
-    from keras_tune.models.export import refuse_existing
+    from keras_tune.models.export import family_export_problem, refuse_existing
 
     outputs = _outputs(args)
     if not outputs:
         raise UserError("nothing to export; expected at least one of --gguf, --transformers, --peft, --keras-preset")
+    problem = family_export_problem(config, list(outputs))
+    if problem:  # e.g. RecurrentGemma: a keras-hub preset only
+        raise UserError(problem)
     if args.peft and not config.model.adapter:
         raise UserError("--peft needs --adapter FILE: the PEFT layout holds an adapter, and none was given")
     if args.gguf and config.model.family != "gemma3":

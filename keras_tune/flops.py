@@ -8,6 +8,14 @@ train: 6 N for full fine-tuning, as in PaLM's definition) plus
 window discount, so an upper bound there), divided by the peak dense bf16 FLOP/s
 of the devices (`PEAK_TFLOPS`, or `--peak-tflops` per device).
 
+RecurrentGemma (Griffin) attends only in its local-attention blocks (one in
+three), and a query there sees at most `attention_window_size + 1` keys (the
+window before it and itself), so its attention term is
+`12 * attention_layers * min(seq_len, window + 1) * heads * head_dim`. Its
+recurrent blocks have no quadratic term: their projections, convolution and
+block-diagonal RG-LRU gates are dense weights used once a token (in `N`), and
+the scan is elementwise (O(width) a token, not counted, as norms are not).
+
 Example:
 
 ```python
@@ -73,24 +81,44 @@ def flops_per_token(total_params, trainable_params, num_layers, attention_width,
         total_params: every parameter of the model (tied embeddings count once:
             they are the output projection).
         trainable_params: parameters that receive weight gradients.
-        num_layers: transformer blocks.
+        num_layers: blocks that attend.
         attention_width: query heads times head dimension.
-        seq_len: tokens per sequence.
+        seq_len: keys a query attends over (tokens per sequence; at most the
+            window for RecurrentGemma, see `attention_span`).
     """
     dense = 4 * total_params + 2 * trainable_params
     attention = 12 * num_layers * seq_len * attention_width
     return float(dense + attention)
 
 
-def model_flops_per_token(backbone, seq_len):
-    """`flops_per_token` for a keras-hub Gemma backbone.
+def attention_span(backbone, seq_len):
+    """`(blocks that attend, keys a query attends over)` of a backbone.
+
+    Gemma: every block, over the whole sequence. RecurrentGemma: its
+    "attention" blocks only, over at most its window (see the module docstring).
 
     Args:
-        backbone: a keras-hub backbone (its LoRA, if any, already enabled).
+        backbone: a keras-hub Gemma backbone or a `RecurrentGemmaBackbone`.
+        seq_len: tokens per training sequence.
+    """
+    layers = int(getattr(backbone, "num_layers", 0))
+    pattern = tuple(getattr(backbone, "block_types", ()) or ())
+    if not pattern:
+        return layers, seq_len
+    attending = sum(1 for index in range(layers) if pattern[index % len(pattern)] == "attention")
+    return attending, min(seq_len, int(backbone.attention_window_size) + 1)
+
+
+def model_flops_per_token(backbone, seq_len):
+    """`flops_per_token` for a keras-hub Gemma backbone or a RecurrentGemma one.
+
+    Args:
+        backbone: the model's backbone (its LoRA, if any, already enabled).
         seq_len: tokens per training sequence.
     """
     from keras_tune.lora import trainable_report
 
     report = trainable_report(backbone)
     width = int(getattr(backbone, "num_query_heads", 0)) * int(getattr(backbone, "head_dim", 0))
-    return flops_per_token(report["total"], report["trainable"], int(getattr(backbone, "num_layers", 0)), width, seq_len)
+    layers, span = attention_span(backbone, seq_len)
+    return flops_per_token(report["total"], report["trainable"], layers, width, span)

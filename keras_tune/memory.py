@@ -34,8 +34,14 @@ What is counted, per device (each tensor divided by its placement's shards):
   fallback for heads that do not divide the axis) or a kernel's output: XLA
   then keeps them split. With `train.remat` a block keeps only its input, plus
   one block recomputed during its backward pass; both figures are reported.
+- **RecurrentGemma** (Griffin): its local-attention blocks are counted as
+  above (one key/value head; the code masks a full T x T score matrix to the
+  2,048-token window, so the scores are T x T whatever the window), its
+  recurrent blocks by `recurrent_block_activations` (linear_y's GELU branch,
+  the convolution, the float32 RG-LRU gates and the parallel scan's levels:
+  linear in T), both with the norms and gated MLP of a Gemma block.
 - **backward workspace**: one block's float32 score gradient and gate/up
-  gradients while its backward pass runs.
+  gradients while its backward pass runs (a recurrent block: its scan's).
 - **logits/loss buffer**: `full`: tokens x vocabulary of float32 shifted
   logits, their exp and their gradient (plus the compute-dtype logits when
   those are narrower, the soft cap's tanh, a second gradient when the
@@ -51,7 +57,9 @@ What is counted, per device (each tensor divided by its placement's shards):
 Not counted: the data batch (KiB), LoRA's rank-wide `x A` (XLA recomputes
 it), XLA's scratch and the runtime's reserve. The tests hold the total within
 20% of XLA's compiled train step (`memory_analysis()`) on CPU, float32, for
-the tiny presets on several meshes and the real Gemma 3 270M. Where XLA
+the tiny presets on several meshes and the real Gemma 3 270M (recurrentgemma_tiny:
+1.00-1.14; XLA keeps about one float32 logits buffer less than planned there,
+and nothing of the first block's temporal part when none of it trains). Where XLA
 differs from the plan, on purpose: on CPU it sometimes keeps a third `B H T T`
 buffer a block (the normalized softmax); it upcasts bfloat16 matmuls to
 float32 (so bfloat16 plans are checked on shapes only); and its scheduler
@@ -79,8 +87,8 @@ from keras_tune.errors import UserError
 
 GIB = 1024**3
 
-# The families whose decoder block the activation count describes.
-PLANNED_FAMILIES = ("gemma", "gemma2", "gemma3")
+# The families whose decoder blocks the activation count describes.
+PLANNED_FAMILIES = ("gemma", "gemma2", "gemma3", "recurrentgemma")
 
 # GiB of memory of one JAX device, by `device_kind`; first match wins. A TPU
 # v2/v3 device is one core (half a chip); v4 and later expose one chip.
@@ -229,6 +237,9 @@ class ModelShapes:
         attention_soft_cap, final_soft_cap: Gemma 2 soft caps.
         embeddings_trained: the (tied) embedding trains.
         head_on_batch_axis: the layout splits the embedding over the batch axis.
+        recurrent_layers: RecurrentGemma's blocks with a recurrent temporal
+            block (the other `layers - recurrent_layers` attend); 0 for Gemma.
+        lru: width of the recurrence (linear_x, linear_y, the RG-LRU) on one device.
     """
 
     layers: int
@@ -247,6 +258,8 @@ class ModelShapes:
     final_soft_cap: bool
     embeddings_trained: bool
     head_on_batch_axis: bool
+    recurrent_layers: int = 0
+    lru: int = 0
 
 
 def _layer_name(path):
@@ -273,6 +286,8 @@ def model_shapes(plan, arch):
         plan: a `ShardingPlan` of the model (LoRA included).
         arch: the backbone arguments (for the soft caps).
     """
+    if any(p.path.endswith("/temporal_pre_norm/scale") for p in plan.placements):
+        return griffin_shapes(plan, arch)
     model_axis = plan.mesh_sizes.get("model", 1)
     block = {p.path.split("/", 1)[1]: p for p in plan.placements if p.path.startswith("decoder_block_0/")}
     embedding = next(p for p in plan.placements if p.path.endswith("token_embedding/embeddings"))
@@ -309,15 +324,81 @@ def model_shapes(plan, arch):
     )
 
 
+def _first_block(plan, temporal):
+    # The first residual block whose temporal block is `temporal` ("recurrent" or "attention"), by sub-path.
+    blocks = {}
+    for p in plan.placements:
+        index, _, rest = p.path.partition("/")
+        if index.startswith("decoder_block_"):
+            blocks.setdefault(int(index.rsplit("_", 1)[1]), {})[rest] = p
+    return next((block for _, block in sorted(blocks.items()) if any(k.startswith(f"{temporal}/") for k in block)), {})
+
+
+def griffin_shapes(plan, arch):
+    """`model_shapes` of a RecurrentGemma (Griffin) model: recurrent and local-attention residual blocks.
+
+    Dense kernels are `(inputs, outputs)`: query `(D, heads x h)`, key/value
+    `(D, h)` (one key/value head), linear_x/linear_y `(D, lru)`. A head split
+    over more devices than there are heads leaves a whole head a device.
+
+    Args:
+        plan: a `ShardingPlan` of the model (LoRA included).
+        arch: the backbone arguments (`num_heads`).
+    """
+    model_axis = plan.mesh_sizes.get("model", 1)
+    recurrent, attention = _first_block(plan, "recurrent"), _first_block(plan, "attention")
+    either = recurrent or attention
+    embedding = next(p for p in plan.placements if p.path.endswith("token_embedding/embeddings"))
+
+    def split(block, name, dim):
+        return model_axis if name in block and block[name].axes[dim] == "model" else 1
+
+    hidden, ffw = either["mlp/ffw_gating/kernel"].shape
+    heads = int(arch.get("num_heads", 1))
+    head_dim = attention["attention/query/kernel"].shape[1] // heads if attention else hidden // heads
+    lru = recurrent["recurrent/linear_x/kernel"].shape[1] if recurrent else 0
+    widths = {"attention_output": heads * head_dim, "ffw_linear": ffw, "linear_out": lru}
+    trained, lora_width = _trained({**recurrent, **attention}, hidden, widths)
+    paths = {p.path for p in plan.placements}
+    layers = [path.split("/")[0] for path in paths if path.endswith("/temporal_pre_norm/scale")]
+    return ModelShapes(
+        layers=len(layers),
+        hidden=hidden,
+        heads=math.ceil(heads / split(attention, "attention/query/kernel", 1)),
+        kv_heads=1,
+        head_dim=head_dim,
+        ffw=ffw // split(either, "mlp/ffw_gating/kernel", 1),
+        vocab=embedding.shape[0] // (model_axis if embedding.axes[0] == "model" else 1),
+        splits={
+            "residual": max(split(attention, f"attention/{n}/kernel", 0) for n in ("query", "key", "value")),
+            "attention_output": split(attention, "attention/attention_output/kernel", 1),
+            "ffw_output": split(either, "mlp/ffw_linear/kernel", 1),
+            "ffw_input": split(either, "mlp/ffw_gating/kernel", 0),
+            "recurrent_input": max(split(recurrent, f"recurrent/linear_{n}/kernel", 0) for n in "xy"),
+        },
+        trained=trained,
+        lora_width=lora_width,
+        post_norms=False,
+        qk_norm=False,
+        attention_soft_cap=False,
+        final_soft_cap=bool(arch.get("final_logit_soft_cap")),
+        embeddings_trained=embedding.trainable,
+        head_on_batch_axis="batch" in embedding.axes,
+        recurrent_layers=sum(f"{layer}/recurrent/linear_x/kernel" in paths for layer in layers),
+        lru=lru // split(recurrent, "recurrent/linear_x/kernel", 1),
+    )
+
+
 # ---------------------------------------------------------------------------
 # Activations, the backward workspace and the logits, from the block structure.
 
 
-def _norms(shapes, tokens, compute_bytes):
+def _norms(shapes, tokens, compute_bytes, projections=("query", "key", "value"), split="residual"):
     """The RMSNorms: each keeps its input and 1/rms; a trained scale also needs x/rms.
 
     The norm computes in float32, but XLA keeps its input in the compute dtype
-    and fuses the cast into the backward pass.
+    and fuses the cast into the backward pass. `projections` read the first
+    norm's output (`split` names how that input is split).
     """
     s, width, a = shapes, shapes.hidden, compute_bytes
     inputs = [s.splits["residual"]] * 2  # the block input and attention + x
@@ -326,9 +407,9 @@ def _norms(shapes, tokens, compute_bytes):
     kept = sum(tokens * width * a // split for split in inputs) + len(inputs) * tokens * 4
     if "norm" in s.trained:
         kept += sum(tokens * width * a // split for split in inputs)
-    # The normed inputs of the q/k/v and gate/up projections, where those train.
-    if s.trained & {"query", "key", "value"}:
-        kept += tokens * width * a // s.splits["residual"]
+    # The normed inputs of the q/k/v (or linear_x/y) and gate/up projections, where those train.
+    if s.trained & set(projections):
+        kept += tokens * width * a // s.splits[split]
     if s.trained & {"ffw_gating", "ffw_gating_2"}:
         kept += tokens * width * a // s.splits["ffw_input"]
     return kept
@@ -364,11 +445,53 @@ def block_activations(shapes, batch, seq, compute_bytes):
     return kept
 
 
+def recurrent_block_activations(shapes, batch, seq, compute_bytes):
+    """Bytes one RecurrentGemma recurrent block keeps for its backward pass, on one device.
+
+    What JAX saves of `linear_out(rg_lru(conv_1d(linear_x(x))) * gelu(linear_y(x)))`
+    (`jax.ad_checkpoint.print_saved_residuals`), tensor by tensor, each `lru` wide:
+
+    | op | kept |
+    | --- | --- |
+    | linear_y, tanh-GELU | its output, the tanh, two GELU intermediates and the GELU (compute dtype) |
+    | conv_1d (linear in x: 4 shifted taps) | its output, the RG-LRU's input |
+    | RG-LRU gates (float32) | both sigmoids (one with its logistic: 3), a and a^2, 1 - a^2 (the sqrt's input), the multiplier, the gated input |
+    | parallel scan (float32) | its output h (the other factor of `x * y`), and at each of its log2(T) levels ~5 slices of that level's `(a, h)` pairs: ~5 (T - 2) tokens in all |
+
+    Then the two RMSNorms and the gated MLP, as in a Gemma block; the inputs of
+    linear_x/linear_y, linear_out and the convolution only where they train.
+    XLA on CPU keeps ~4% less of this block than counted.
+
+    Args:
+        shapes: `ModelShapes` of a RecurrentGemma model.
+        batch: sequences on this device.
+        seq: tokens a sequence.
+        compute_bytes: bytes of an activation element (4 float32, 2 bfloat16).
+    """
+    s, a = shapes, compute_bytes
+    tokens = batch * seq
+    width = tokens * s.lru
+    kept = _norms(s, tokens, a, projections=("linear_x", "linear_y"), split="recurrent_input")
+    kept += 6 * width * a + 9 * width * 4  # the GELU branch and conv output; the gates and h
+    kept += 5 * batch * max(seq - 2, 0) * s.lru * 4  # the scan's levels
+    if "linear_out" in s.trained:
+        kept += width * a  # x * y
+    if "conv_1d" in s.trained:
+        kept += width * a  # linear_x's output, for the taps' gradient
+    if "rg_lru" in s.trained:
+        kept += width * 4  # the gates' float32 input
+    kept += 4 * tokens * s.ffw * a  # the gated MLP, as in Gemma
+    if "ffw_linear" in s.trained:
+        kept += tokens * s.ffw * a
+    return kept
+
+
 def backward_workspace(shapes, batch, seq, compute_bytes):
     """Bytes of one block's gradients in flight during its backward pass.
 
     The float32 gradient of the attention scores (XLA forms the gradients of
-    the probabilities and of the scores in one pass) and those of gate and up.
+    the probabilities and of the scores in one pass) and those of gate and up;
+    a recurrent block's float32 gradients of the scan's `(a, h)` instead of the scores.
 
     Args:
         shapes: `ModelShapes`.
@@ -376,12 +499,16 @@ def backward_workspace(shapes, batch, seq, compute_bytes):
         seq: tokens a sequence.
         compute_bytes: bytes of an activation element.
     """
-    scores = batch * shapes.heads * seq * seq
-    return scores * 4 + 2 * batch * seq * shapes.ffw * compute_bytes
+    scores = batch * shapes.heads * seq * seq if shapes.layers > shapes.recurrent_layers else 0
+    recurrent = 2 * batch * seq * shapes.lru if shapes.recurrent_layers else 0
+    return max(scores, recurrent) * 4 + 2 * batch * seq * shapes.ffw * compute_bytes
 
 
 def activation_bytes(shapes, batch, seq, compute_bytes, remat):
     """Bytes all decoder blocks (and the final norm) keep for the backward pass.
+
+    RecurrentGemma: `recurrent_block_activations` for its recurrent blocks,
+    `block_activations` for its local-attention blocks.
 
     Args:
         shapes: `ModelShapes`.
@@ -396,10 +523,13 @@ def activation_bytes(shapes, batch, seq, compute_bytes, remat):
     final = residual * compute_bytes + tokens * 4  # the final RMSNorm
     if shapes.embeddings_trained:  # the output projection's input, and x/rms for the trained scale
         final += tokens * shapes.hidden * compute_bytes + residual * compute_bytes
-    one_block = block_activations(shapes, batch, seq, compute_bytes)
+    attention_layers = shapes.layers - shapes.recurrent_layers
+    blocks = [(attention_layers, block_activations(shapes, batch, seq, compute_bytes) if attention_layers else 0)]
+    if shapes.recurrent_layers:  # RecurrentGemma
+        blocks.append((shapes.recurrent_layers, recurrent_block_activations(shapes, batch, seq, compute_bytes)))
     if remat:
-        return shapes.layers * residual * compute_bytes + one_block + final
-    return shapes.layers * one_block + final
+        return shapes.layers * residual * compute_bytes + max(kept for _, kept in blocks) + final
+    return sum(count * kept for count, kept in blocks) + final
 
 
 def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, batch_axis=1):

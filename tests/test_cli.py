@@ -175,3 +175,78 @@ def test_generation_pads_the_prompts_to_the_mesh_batch_axis():
     causal_lm.compile(sampler="greedy")
     texts = generate_texts(causal_lm, causal_lm.preprocessor, ["one", "two", "three"], max_length=8)
     assert len(texts) == 3
+
+
+# ---------------------------------------------------------------------------
+# RecurrentGemma: what export refuses, and the CLI's text.
+
+
+def test_recurrentgemma_transformers_peft_and_gguf_exports_are_refused_before_building(tmp_path, capsys, monkeypatch):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built before the export was refused")
+
+    monkeypatch.setattr("keras_tune.models.loader.build_model", must_not_build)
+    monkeypatch.setattr("keras_tune.models.loader.abstract_model", must_not_build)
+    adapter = tmp_path / "adapter.npz"
+    adapter.write_bytes(b"never read")
+    cases = [
+        (["--transformers", str(tmp_path / "hf")], "--transformers: Transformers export"),
+        (["--peft", str(tmp_path / "peft")], "--peft: PEFT export"),  # refused before "--peft needs --adapter"
+        (["--gguf", str(tmp_path / "m.gguf")], "--gguf: GGUF export"),
+        (["--keras-preset", str(tmp_path / "keras"), "--gguf", str(tmp_path / "m.gguf")], "--gguf: GGUF export"),
+    ]
+    for argv, asked in cases:
+        assert export.main(["--preset", "recurrentgemma_tiny", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {asked} is not implemented for recurrentgemma models "
+                                   "(preset recurrentgemma_tiny); for recurrentgemma, expected --keras-preset"), lines
+    assert sorted(os.listdir(tmp_path)) == ["adapter.npz"]  # nothing written
+    # The adapter file is not even opened: the family is refused first.
+    assert export.main(["--preset", "recurrentgemma_2b", "--adapter", str(adapter), "--peft", str(tmp_path / "p")]) == 2
+    assert "--peft: PEFT export is not implemented for recurrentgemma" in capsys.readouterr().err
+
+
+def test_generate_merge_skips_the_transformers_copy_of_a_recurrentgemma_with_the_reason():
+    from keras_tune.models.export import transformers_export_problem
+    from keras_tune.models.loader import abstract_model
+
+    problem = transformers_export_problem(abstract_model(config_lib.load_config("recurrentgemma_tiny")))
+    assert "not implemented for recurrentgemma" in problem and "keras-hub preset" in problem
+    assert transformers_export_problem(abstract_model(config_lib.load_config("gemma3_tiny"))) is None
+
+
+def test_lora_targets_help_names_the_recurrent_block_targets():
+    parser = cli.build_fit_parser()
+    text = next(action.help for action in parser._actions if "--lora-targets" in action.option_strings)
+    for target in ("query", "ffw_linear", "linear_x", "linear_y", "linear_out"):
+        assert target in text
+    assert set(config_lib.LORA_TARGETS) <= set(text.replace(";", ",").replace(" ", ",").split(","))
+
+
+def test_list_presets_columns_line_up_for_the_longest_names(monkeypatch):
+    from keras_tune.errors import UserError
+
+    # Parameter counts of every width (and one unknown), without building 35 abstract models.
+    def count(weights):
+        return weights
+
+    def model(config, lora=False):
+        if config.preset == "gemma3_270m_offline":
+            raise UserError("registry package not installed")
+        return type("Model", (), {"weights": 7 ** (len(config.preset) % 13)})
+
+    monkeypatch.setattr("keras_tune.lora.count_parameters", count)
+    monkeypatch.setattr("keras_tune.models.loader.abstract_model", model)
+    lines = cli.list_presets_table().splitlines()
+    header, rows = lines[0], lines[1:]
+    assert len(rows) == len(config_lib.list_presets())
+    assert any(row.startswith("recurrentgemma_9b_it ") and " recurrentgemma " in row for row in rows)
+    starts = [header.index(title) for title in ("family", "source", "description")]
+    right_edge = header.index("parameters") + len("parameters")
+    for row in rows:
+        for start in starts:  # left-aligned columns start in the header's column, after a gap
+            assert row[start - 2:start] == "  " and row[start] != " ", (row, start)
+        assert row[right_edge - 1] in "0123456789?" and row[right_edge:right_edge + 2] == "  ", row
+    unknown = next(row for row in rows if row.startswith("gemma3_270m_offline "))
+    assert unknown.endswith("(parameters unknown: registry package not installed)")

@@ -107,11 +107,50 @@ def test_the_levers_lower_what_they_should():
     assert sgd.optimizer_state == 0 and plain.optimizer_state == 2 * plain.trainable_weights
 
 
-def test_other_families_are_refused_in_one_line():
-    if "recurrentgemma" not in config_lib.FAMILIES:
-        pytest.skip("no RecurrentGemma presets here")
-    with pytest.raises(UserError, match="memory planner covers gemma"):
+def test_a_family_outside_the_planner_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(memory, "PLANNED_FAMILIES", ("gemma", "gemma2", "gemma3"))
+    with pytest.raises(UserError, match="memory planner covers gemma, gemma2, gemma3 models, not recurrentgemma"):
         memory.plan_memory(_config("recurrentgemma_tiny", **{"distribution.mesh": "1x1"}), devices=jax.devices()[:1])
+
+
+def test_recurrentgemma_9b_lora_on_1x8_gets_a_verdict_with_its_figures():
+    config = _config("recurrentgemma_9b", **{"distribution.mesh": "1x8", "train.device_memory": "16GiB"})
+    report = memory.plan_memory(config)
+    assert report.fits is True and report.verdict.startswith("fits (")
+    # 8.58B bfloat16 parameters over 8 devices; LoRA on query, value, linear_x, linear_y a few MiB.
+    assert 1.9 * GIB < report.base_weights < 2.1 * GIB
+    assert report.trainable_weights < 16 * 2**20 and report.optimizer_state == 2 * report.trainable_weights
+    assert report.activations_remat < report.activations_no_remat / 4
+    tight = memory.plan_memory(memory.variant(config, {"train.device_memory": "4GiB"}))
+    assert tight.fits is False and tight.suggested, tight.verdict
+
+
+def test_recurrentgemma_counts_26_recurrent_and_12_attention_blocks_of_the_9b():
+    from keras_tune.distribution import plan_sharding
+    from keras_tune.models.loader import abstract_model
+
+    config = _config("recurrentgemma_9b", **{"distribution.mesh": "1x8"})
+    plan = plan_sharding(config, abstract_model(config).weights, devices=jax.devices())
+    shapes = memory.model_shapes(plan, memory._arch(config))
+    assert (shapes.layers, shapes.recurrent_layers) == (38, 26)  # recurrent, recurrent, attention
+    assert (shapes.lru, shapes.ffw, shapes.heads, shapes.kv_heads) == (4096 // 8, 12288 // 8, 16 // 8, 1)
+    assert {"linear_x", "linear_y", "query", "value"} <= shapes.trained
+    # A recurrent block is linear in the sequence length; an attention block keeps T x T scores.
+    recurrent = [memory.recurrent_block_activations(shapes, 1, seq, 2) for seq in (2048, 4096)]
+    attention = [memory.block_activations(shapes, 1, seq, 2) for seq in (2048, 4096)]
+    assert 1.9 < recurrent[1] / recurrent[0] < 2.1
+    assert attention[1] / attention[0] > 2.5
+
+
+def test_the_dry_run_prints_the_recurrentgemma_9b_verdict(capsys):
+    from keras_tune import cli
+
+    argv = ["--preset", "recurrentgemma_9b", "--mesh", "1x8", "--simulate-devices", "8", "--dry-run",
+            "--device-memory", "16GiB"]
+    assert cli.fit_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "memory per device: mesh 1x8 (8 devices), layout recurrentgemma_tp" in out
+    assert "device memory 16.0 GiB (--device-memory 16GiB): fits (" in out
 
 
 # ---------------------------------------------------------------------------
@@ -128,7 +167,7 @@ def _planned_and_compiled(preset, mesh, **overrides):
 
 
 @pytest.mark.parametrize("mesh", ["1x1", "1x8", "2x4"])
-@pytest.mark.parametrize("preset", ["gemma_tiny", "gemma2_tiny", "gemma3_tiny"])
+@pytest.mark.parametrize("preset", ["gemma_tiny", "gemma2_tiny", "gemma3_tiny", "recurrentgemma_tiny"])
 def test_the_plan_is_within_20_percent_of_the_compiled_train_step(preset, mesh):
     planned, compiled = _planned_and_compiled(preset, mesh)
     assert 0.8 <= planned / compiled <= 1.2, (planned, compiled)
@@ -140,6 +179,10 @@ def test_the_plan_is_within_20_percent_of_the_compiled_train_step(preset, mesh):
     ("gemma_tiny", "2x4", {"distribution.layout": "gemma_fsdp"}),
     ("gemma3_tiny", "1x1", {"train.quantize": "int8"}),
     ("gemma3_tiny", "1x1", {"data.seq_len": 256, "data.batch_size": 2}),
+    ("recurrentgemma_tiny", "1x1", {"lora.rank": 0}),
+    ("recurrentgemma_tiny", "1x1", {"train.loss": "full"}),
+    ("recurrentgemma_tiny", "2x4", {"distribution.layout": "recurrentgemma_fsdp"}),
+    ("recurrentgemma_tiny", "1x1", {"data.seq_len": 256, "data.batch_size": 2}),
 ])
 def test_the_plan_follows_xla_through_the_levers(preset, mesh, overrides):
     planned, compiled = _planned_and_compiled(preset, mesh, **overrides)

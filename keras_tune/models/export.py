@@ -34,12 +34,42 @@ _GEMMA2_FEATURES = (
 )
 
 
+# Families for which only some outputs of `python -m keras_tune.export` exist:
+# family -> the flags it supports. The others are refused before any model is built.
+FAMILY_EXPORTS = {"recurrentgemma": ("--keras-preset",)}
+_FORMATS = {"--gguf": "GGUF", "--transformers": "Transformers", "--peft": "PEFT",
+            "--keras-preset": "a merged keras-hub preset, as generate --merge writes"}
+
+
+def family_export_problem(config, flags):
+    """The one-line refusal of export flags the config's model family has no exporter for, or None.
+
+    RecurrentGemma has no Transformers, PEFT or GGUF writer (neither keras-hub
+    nor llama.cpp's Gemma converter knows Griffin); a merged keras-hub preset it has.
+
+    Args:
+        config: the validated run config (`model.family`, `preset`).
+        flags: the export flags asked for, e.g. `["--gguf", "--peft"]`.
+    """
+    family = config.model.family
+    supported = FAMILY_EXPORTS.get(family)
+    refused = [flag for flag in flags if supported is not None and flag not in supported]
+    if not refused:
+        return None
+    asked = " and ".join(_FORMATS[flag] for flag in refused)
+    offered = " or ".join(f"{flag} ({_FORMATS[flag]})" for flag in supported)
+    return (f"{', '.join(refused)}: {asked} export is not implemented for {family} models (preset {config.preset}); "
+            f"for {family}, expected {offered}")
+
+
 def transformers_export_problem(backbone):
     """Why `export_to_transformers` would write a wrong model for this backbone, or None.
 
     Args:
         backbone: a keras-hub backbone (shapes suffice: an abstract one works).
     """
+    if type(backbone).__name__ == "RecurrentGemmaBackbone":
+        return "Transformers export is not implemented for recurrentgemma models; use the keras-hub preset instead"
     if type(backbone).__name__ != "GemmaBackbone":
         return None
     used = [name for name in _GEMMA2_FEATURES if getattr(backbone, name, None)]
