@@ -48,7 +48,7 @@ causal_lm.compile(
     weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
 )
 preprocessor, causal_lm.preprocessor = causal_lm.preprocessor, None  # batches are tokenized already
-causal_lm.fit(data.train.repeat(), steps_per_epoch=config.train.steps, epochs=1, verbose=2)
+causal_lm.fit(data.train_stream(), steps_per_epoch=config.train.steps, epochs=1, verbose=2)
 causal_lm.preprocessor = preprocessor
 
 # 3. Save the adapter; or do all of the above with keras_tune.run(config).

@@ -24,7 +24,7 @@ Example:
 ```python
 progress = Progress(total_steps=100)
 callbacks = [StepTracker(progress), Throughput(flops_per_token=6 * 2.5e9), MetricsLog(progress, "run")]
-causal_lm.fit(data.train.repeat(), steps_per_epoch=100, callbacks=callbacks)
+causal_lm.fit(data.train_stream(), steps_per_epoch=100, callbacks=callbacks)
 ```
 """
 

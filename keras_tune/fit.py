@@ -296,8 +296,7 @@ def setup_data(config, tokenizer):
     data = make_datasets(config.data, tokenizer, seed=config.train.seed)
     print(data.report.summary())
     if config.train.loss == "sparse":
-        data.train = with_loss_positions(data.train)
-        data.validation = None if data.validation is None else with_loss_positions(data.validation)
+        data.map(with_loss_positions)  # train, validation and the training stream alike
     if config.train.steps:
         return data, config.train.steps
     if data.steps_per_epoch:
@@ -388,8 +387,8 @@ def resume(trainer, config, store, identity, total_steps):
         total_steps: the run's length, for the message.
 
     Returns:
-        The step to continue from (0 for a fresh run); the data stream skips
-        that many batches.
+        The step to continue from (0 for a fresh run); the training stream starts
+        there (`DataBundle.train_stream`), after that many batches.
     """
     if not store.steps():
         return 0
@@ -524,9 +523,9 @@ def fit_steps(trainer, causal_lm, data, config, plan, store, identity, output_di
         total_steps, config.train.eval_every, config.train.save_every, initial_step
     )
     ours, clock = training_callbacks(causal_lm, config, plan, store, identity, output_dir, progress, total_steps)
-    dataset = data.train.repeat()
-    if initial_step:
-        dataset = dataset.skip(initial_step)
+    # Batch s is a function of (seed, s) alone: resumed, the stream goes on where the
+    # uninterrupted one is at initial_step, across epoch ends, however many iterators keras makes.
+    dataset = data.train_stream(initial_step)
     with detached_preprocessor(trainer):
         fitted = trainer.fit(
             dataset,

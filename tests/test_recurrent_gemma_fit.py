@@ -20,8 +20,8 @@ from test_resume import _adapter, _max_diff
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY, EVAL_EVERY = 8, 2, 4
 PROMPT = "Translate this into French:\nhello\n"
-# Enough pairs that the run stays inside its first epoch (20 batches of 2): a resumed
-# run that crosses an epoch boundary does not yet see the same batches (any model).
+# 20 batches of 2: the run stays inside its first epoch (resume across epochs is
+# tested on Gemma in tests/test_data_resume.py).
 PAIRS = {
     "train": [(f"the cat number {i} sleeps", f"le chat numero {i} dort") for i in range(40)],
     "valid": [("good morning", "bonjour"), ("thank you", "merci"), ("see you", "a bientot")],

@@ -17,7 +17,7 @@ config = keras_tune.load_config("gemma3_tiny", overrides={"data.name": "text", "
 bundle = make_datasets(config.data, tiny_tokenizer("gemma3"), seed=0)
 print(bundle.report.summary())
 x, y, sample_weight = next(iter(bundle.train))  # token_ids/padding_mask [B, L], y, weight [B, L]
-# causal_lm.fit(bundle.train.repeat(), steps_per_epoch=bundle.steps_per_epoch,
+# causal_lm.fit(bundle.train_stream(), steps_per_epoch=bundle.steps_per_epoch,  # each epoch reshuffled
 #               validation_data=bundle.validation)   # with causal_lm.preprocessor = None
 ```
 """

@@ -25,10 +25,13 @@ turns). From there every recipe takes the same path:
      `seq_len` are truncated and counted; a cut row ends where it is cut (no
      `<eos>` forced in, unlike keras-hub's packer, so no false ending is taught).
    - `pad`: the seeds' recipe: one example a row, padded to `seq_len`.
-3. **Batch in tf.data**: each bucket's rows are shuffled (seeded, reshuffled each
-   epoch), batched with `drop_remainder=True` (a static batch, sharded across
-   devices) and mixed in a seeded random order. Shapes are static per bucket, so
-   XLA compiles one program a bucket length.
+3. **Batch in tf.data**: each bucket's rows are shuffled, cut into batches of a
+   static size (sharded across devices; the remainder sits out the epoch) and
+   the buckets' batches mixed in a random order. Every epoch is reshuffled, and
+   its order is a function of the seed and the epoch number alone
+   (`epoch_order`): `DataBundle.train_stream(k)` from step k is the tail of the
+   stream from step 0, so a resumed run sees the batches an uninterrupted one
+   does. Shapes are static per bucket, so XLA compiles one program a bucket length.
 
 Each batch is `({"token_ids": int32[B, L], "padding_mask": bool[B, L]},
 y: int32[B, L], sample_weight: float32[B, L])`, what keras-hub's Gemma causal LMs
@@ -85,12 +88,14 @@ class DataBundle:
     """The datasets `fit` trains and evaluates on, and what was done to make them.
 
     Attributes:
-        train: tf.data.Dataset of `(x, y, sample_weight)` batches; one pass is one
-            epoch (call `.repeat()` for more).
+        train: tf.data.Dataset of `(x, y, sample_weight)` batches: the first epoch,
+            the same batches on every pass. `train_stream()` continues with the
+            next epochs, each reshuffled: train on that.
         validation: the same for validation (one pass, every example once), or None.
         report: a `DataReport`; `report.summary()` is printed at the start of a run.
         steps_per_epoch: batches in one pass over `train`.
         validation_steps: batches in one pass over `validation` (0 when None).
+        stream: `start_step -> dataset`, what `train_stream` returns (None: `train` repeated).
     """
 
     train: object
@@ -98,6 +103,33 @@ class DataBundle:
     report: DataReport
     steps_per_epoch: int | None
     validation_steps: int = 0
+    stream: object = None
+
+    def train_stream(self, start_step=0):
+        """The endless training stream from global step `start_step` (what `fit` trains on).
+
+        Batch `s` is the same whichever step the stream starts at, so a run resumed
+        at step `k` trains on what an uninterrupted run trains on after step `k`.
+
+        Args:
+            start_step: batches already trained (a resumed run's step).
+        """
+        if self.stream is not None:
+            return self.stream(start_step)
+        return self.train.repeat().skip(start_step)  # a bundle made by hand: its one epoch, over and over
+
+    def map(self, function):
+        """Applies `function` (dataset -> dataset) to train, validation and every `train_stream`.
+
+        Args:
+            function: takes and returns a tf.data.Dataset of batches.
+        """
+        self.train = function(self.train)
+        self.validation = None if self.validation is None else function(self.validation)
+        if self.stream is not None:
+            stream = self.stream
+            self.stream = lambda start_step=0: function(stream(start_step))
+        return self
 
 
 @dataclasses.dataclass
@@ -414,38 +446,92 @@ def _to_batch(ids, weights, mask):
     return x, ids[:, 1:], tf.cast(weights[:, 1:], tf.float32)
 
 
-def train_dataset(groups, batch_size, seed, shuffle_buffer):
-    """Returns the training dataset: each group shuffled and batched, groups mixed at random.
+def shuffled(count, shuffle_buffer, rng):
+    """Returns an order of `count` rows: none (`shuffle_buffer <= 1`), local, or a full permutation.
+
+    With `shuffle_buffer < count` each row moves about `shuffle_buffer` places at
+    most, as in a buffered shuffle; otherwise every order is equally likely.
+
+    Args:
+        count: rows to order.
+        shuffle_buffer: the shuffle window in rows.
+        rng: a `numpy.random.Generator`.
+    """
+    if shuffle_buffer <= 1:
+        return np.arange(count)
+    if shuffle_buffer >= count:
+        return rng.permutation(count)
+    return np.argsort(np.arange(count) + rng.random(count) * shuffle_buffer, kind="stable")
+
+
+def epoch_order(sizes, batch_size, seed, epoch, shuffle_buffer):
+    """Returns the batches of one training epoch as `(group of each batch, row indices [batches, batch_size])`.
+
+    A pure function of its arguments: the order a run sees depends on the seed
+    and the epoch only, never on how many iterators were made before or at which
+    step a run started (a resumed run sees what an uninterrupted one does).
+    Each group's rows are shuffled and cut into whole batches (the remainder
+    sits out this epoch), and the batches of the groups are mixed in a random
+    order.
+
+    Args:
+        sizes: rows in each group (every group holds at least `batch_size`).
+        batch_size: rows a batch.
+        seed: the run's data seed.
+        epoch: the 0-based epoch.
+        shuffle_buffer: the shuffle window (`shuffled`).
+    """
+    rng = np.random.default_rng([int(seed) % 2**64, int(epoch)])
+    counts = [size // batch_size for size in sizes]
+    groups = rng.permutation(np.repeat(np.arange(len(sizes)), counts))
+    rows = np.empty((len(groups), batch_size), np.int64)
+    for k, (size, count) in enumerate(zip(sizes, counts)):
+        order = shuffled(size, shuffle_buffer, rng)
+        rows[groups == k] = order[: count * batch_size].reshape(count, batch_size)
+    return groups.astype(np.int32), rows
+
+
+def train_stream(groups, batch_size, seed, shuffle_buffer):
+    """Returns `start_step -> dataset`: the endless training stream from a global step, each epoch reshuffled.
+
+    Batch `s` of the stream is batch `s % steps_per_epoch` of epoch
+    `s // steps_per_epoch` (`epoch_order`), whichever step the stream starts
+    at and however many iterators are made of it: no tf.data shuffle state.
 
     Args:
         groups: list of `Rows`, one a bucket length.
-        batch_size: static rows a batch (the remainder of a group sits out an epoch).
-        seed: seeds the shuffles and the mixing; each epoch reshuffles.
-        shuffle_buffer: elements in each shuffle buffer (<= 1 means no shuffle).
+        batch_size: static rows a batch.
+        seed: seeds the shuffles and the mixing.
+        shuffle_buffer: the shuffle window (<= 1 means no shuffle within a group).
     """
     import tensorflow as tf
 
-    parts, counts = [], []
-    for k, rows in enumerate(groups):
-        batches = len(rows) // batch_size
-        if not batches:
-            continue
-        part = tf.data.Dataset.from_tensor_slices(rows.columns())
-        if shuffle_buffer > 1:
-            part = part.shuffle(min(shuffle_buffer, len(rows)), seed=seed + k, reshuffle_each_iteration=True)
-        parts.append(part.batch(batch_size, drop_remainder=True))
-        counts.append(batches)
-    if len(parts) == 1:
-        dataset = parts[0]
-    else:
-        dataset = tf.data.Dataset.sample_from_datasets(
-            parts,
-            weights=[c / sum(counts) for c in counts],
-            seed=seed,
-            stop_on_empty_dataset=False,
-            rerandomize_each_iteration=True,
-        )
-    return dataset.map(_to_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    groups = [rows for rows in groups if len(rows) >= batch_size]  # the others never fill a batch
+    sizes = [len(rows) for rows in groups]
+    steps_per_epoch = sum(size // batch_size for size in sizes)
+    tables = [tuple(tf.constant(column) for column in rows.columns()) for rows in groups]  # once, for every stream
+
+    def plan(epoch):
+        return epoch_order(sizes, batch_size, seed, int(epoch), shuffle_buffer)
+
+    def epoch_batches(epoch):
+        group, rows = tf.numpy_function(plan, [epoch], [tf.int32, tf.int64], stateful=False)
+        group.set_shape([steps_per_epoch])
+        rows.set_shape([steps_per_epoch, batch_size])
+        return tf.data.Dataset.from_tensor_slices((group, rows))
+
+    def gather(group, rows):
+        branches = [lambda table=table: [tf.gather(column, rows) for column in table] for table in tables]
+        columns = branches[0]() if len(branches) == 1 else tf.switch_case(group, branches)
+        return _to_batch(*columns)
+
+    def from_step(start_step=0):
+        first_epoch, offset = divmod(int(start_step), steps_per_epoch)
+        # Skipping within the first epoch skips (group, row indices) pairs: no rows are gathered.
+        dataset = tf.data.Dataset.counter(first_epoch).flat_map(epoch_batches).skip(offset)
+        return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    return from_step
 
 
 def validation_dataset(groups, batch_size):
@@ -578,7 +664,8 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         )
 
     _weigh_key_tokens(train_groups, tokenizer, data_config, report)
-    train = train_dataset(train_groups, batch_size, seed, int(data_config.shuffle_buffer))
+    stream = train_stream(train_groups, batch_size, seed, int(data_config.shuffle_buffer))
+    train = stream(0).take(report.train.batches)
     validation, validation_steps = None, 0
     if val_tok is not None:
         val_groups = _layout(val_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.validation,
@@ -591,7 +678,7 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         report.validation.batches = validation_steps
 
     _measure_padding(train, report)
-    return DataBundle(train, validation, report, report.train.batches, validation_steps)
+    return DataBundle(train, validation, report, report.train.batches, validation_steps, stream)
 
 
 def _tokenize_splits(source, tokenizer, seq_len, batching, report, log):
