@@ -212,6 +212,9 @@ def keras_tune_side(job):
         "lora.rank": job["lora_rank"],
         "optimizer.learning_rate": 5e-5,
         "optimizer.weight_decay": 0.01,
+        # The recipe generates nothing; the preset's before/after samples would add
+        # generation's compile and memory to one side only.
+        "train.sample_prompts": (),
     }
     overrides.update(job.get("overrides", {}))  # the loss path, quantization, document masking...
     config = keras_tune.load_config(job["preset"], overrides=overrides)
@@ -231,10 +234,11 @@ def keras_tune_side(job):
             info["built_s"] = time.perf_counter() - started
             counts[:] = [(1, 1, job["batch"] * job["seq_len"])] * job["steps"]
             return bundle
-        batches = list(bundle.train.repeat().take(job["steps"]).as_numpy_iterator())
+        batches = list(bundle.train_stream().take(job["steps"]).as_numpy_iterator())
         counts[:] = [(int((x["padding_mask"] != 0).sum()), int((w > 0).sum()), int(x["padding_mask"].size))
                      for x, _, w in batches]  # a mask or segment ids: non-zero is a real token
         bundle.train = replay_dataset(batches)
+        bundle.stream = None  # fit trains on `train` repeated: the replay
         info["report"] = bundle.report
         info["built_s"] = time.perf_counter() - started
         return bundle

@@ -532,7 +532,7 @@ def activation_bytes(shapes, batch, seq, compute_bytes, remat):
     return sum(count * kept for count, kept in blocks) + final
 
 
-def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, batch_axis=1):
+def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, batch_axis=1, quantize=""):
     """Bytes of the logits and the loss's buffers at their peak, on one device.
 
     Args:
@@ -545,6 +545,8 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
         chunk_tokens: tokens a chunk for the sparse loss, over the whole mesh
             (0 = all at once).
         batch_axis: size of the mesh's batch axis, which splits a chunk.
+        quantize: "int8": the sparse loss's head takes the table in blocks of
+            `losses.QUANTIZED_VOCABULARY_BLOCK` rows.
     """
     # The float32 logits (shifted by their max) and the exp the cross-entropy
     # keeps, and their float32 gradient; logits in a narrower compute dtype are
@@ -563,12 +565,15 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
     total = tokens * batch_axis
     chunk = min(chunk_tokens or total, total)
     rows = chunk // (1 if shapes.head_on_batch_axis else batch_axis)
-    if chunk >= total:
-        return rows * shapes.vocab * per_element
-    # A loop over chunks (recomputed in the backward pass): one chunk's buffers,
-    # plus the one-hot gradient of the picked logit, plus the output head that
-    # XLA carries through the loop as loop state (a copy, in the compute dtype).
-    return rows * shapes.vocab * (per_element + 4) + shapes.vocab * shapes.hidden * compute_bytes
+    from keras_tune.losses import QUANTIZED_VOCABULARY_BLOCK
+
+    # An int8 table is used a block of rows at a time (`losses.TiedHead`).
+    vocab = min(shapes.vocab, QUANTIZED_VOCABULARY_BLOCK) if quantize == "int8" else shapes.vocab
+    # One chunk's buffers at a time (a loop, recomputed in the backward pass);
+    # the hand-written gradient needs no one-hot buffer. A table split over the
+    # batch axis (fsdp) is gathered whole for the loop: a copy on every device.
+    gathered = shapes.vocab * shapes.hidden * compute_bytes if shapes.head_on_batch_axis else 0
+    return rows * vocab * per_element + gathered
 
 
 # ---------------------------------------------------------------------------
@@ -729,7 +734,8 @@ def figures(config, plan, arch=None):
     remat = activation_bytes(shapes, batch, seq, compute, remat=True)
     activations = remat if config.train.remat else no_remat
     workspace = backward_workspace(shapes, batch, seq, compute)
-    logits = logits_bytes(shapes, batch * seq, compute, config.train.loss, config.train.loss_chunk_tokens, batch_axis)
+    logits = logits_bytes(shapes, batch * seq, compute, config.train.loss, config.train.loss_chunk_tokens, batch_axis,
+                          config.train.quantize)
     total = (
         weights["base"] + weights["trainable"] + weights["optimizer"] + weights["gradients"]
         + activations + max(logits, workspace) + weights["transient"]

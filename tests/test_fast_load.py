@@ -255,3 +255,36 @@ def test_registry_model_loads_from_cache_without_initializers(initializer_calls)
     for name, layer, attr, kind in entries[:14] + entries[-1:]:
         expected = arrays[name] - np.float32(1.0) if kind == "norm" else arrays[name]
         np.testing.assert_array_equal(np.asarray(getattr(layer, attr).value), expected, err_msg=name)
+
+
+def test_a_large_array_is_written_to_the_device_in_row_blocks(q8_gguf, cache, caplog):
+    from keras_tune.models import gguf, gguf_cache
+
+    causal_lm, _ = _load(q8_gguf, caplog)  # builds the cache
+    entries, arrays = _cached_arrays(q8_gguf, causal_lm)
+    # 1,024 x 64 float32 rows in blocks of 300 rows: four blocks, the last one overlapping.
+    blocked = arrays.device_array("token_embd.weight", "float32", block_bytes=300 * 64 * 4)
+    np.testing.assert_array_equal(np.asarray(blocked), arrays["token_embd.weight"])
+    assert isinstance(arrays, gguf_cache.CachedArrays) and gguf.QUANTIZE_ROWS_A_BLOCK > 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(q8_gguf, cache, caplog, monkeypatch, mode):
+    """`load_gguf_causal_lm(quantize=)` from the cache: the same variables, bit for bit, as Keras' `quantize` after."""
+    from keras_tune.models import gguf
+    from keras_tune.models.loader import quantize_base
+
+    reference, _ = _load(q8_gguf, caplog)  # builds the cache
+    quantize_base(reference, mode)
+    monkeypatch.setattr(gguf, "QUANTIZE_ROWS_A_BLOCK", 300)  # several row blocks of the tiny embedding
+    quantized, source = _load(q8_gguf, caplog, quantize=mode)
+    assert source == "cache"
+    expected = {v.path: v for v in reference.backbone.weights}
+    assert sorted(expected) == sorted(v.path for v in quantized.backbone.weights)
+    for variable in quantized.backbone.weights:
+        assert str(variable.dtype) == str(expected[variable.path].dtype), variable.path
+        np.testing.assert_array_equal(np.asarray(variable.value), np.asarray(expected[variable.path].value),
+                                      err_msg=variable.path)
+    embedding = quantized.backbone.get_layer("token_embedding")
+    assert embedding.quantization_mode == mode and str(embedding.dtype_policy.name).startswith(mode)
+    np.testing.assert_array_equal(_logits(quantized, TINY_IDS), _logits(reference, TINY_IDS))

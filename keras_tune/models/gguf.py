@@ -469,31 +469,24 @@ def _to_gguf(array, kind):
 # Import
 
 
-def _initialize(variable, value, name, copy=False):
-    """Initializes a deferred `variable` to the float32 numpy `value`.
+def _initialize(variable, value, name):
+    """Initializes a deferred `variable` to `value`.
 
     Args:
         variable: a variable of a `_deferred_backbone`.
-        value: its float32 value in keras layout.
+        value: its value in keras layout: a float32 numpy array or a JAX array.
         name: the GGUF tensor name, for errors.
-        copy: copy `value` even on CPU, where JAX otherwise adopts a suitably
-            aligned numpy buffer as is (even with `device_put(may_alias=False)`):
-            a variable must not live in the cache's read-only mapping, which a
-            training step donating its buffer would write to.
     """
-    import jax.numpy as jnp
     from keras import ops
 
     if tuple(value.shape) != tuple(variable.shape):
         raise ValueError(f"{name}: value shape {value.shape} does not match the variable's {variable.shape}")
-    if copy:
-        value = jnp.array(value, copy=True)  # one copy, from the mapping into a JAX buffer
     # As `Variable.assign` converts: float32 onto the device, then cast there; the
     # variable's layout (active distribution) is applied by `compat.initialize_deferred_variable`.
     compat.initialize_deferred_variable(variable, ops.convert_to_tensor(value, dtype=variable.dtype))
 
 
-def _load_weights(backbone, gguf_file, digest, norm_offset):
+def _load_weights(backbone, gguf_file, digest, norm_offset, quantize=""):
     """Initializes every (deferred) backbone variable from the GGUF or its cache; returns "gguf" or "cache".
 
     Args:
@@ -501,6 +494,8 @@ def _load_weights(backbone, gguf_file, digest, norm_offset):
         gguf_file: the open `GGUFFile`.
         digest: the GGUF's sha256 if its conversion is cached (quantized), else None.
         norm_offset: subtracted from every norm scale (llama.cpp's +1).
+        quantize: "", "int8" or "int4": from the cache, each layer is quantized as
+            its weights arrive (else the caller quantizes the loaded model).
     """
     entries = _tensor_map(backbone)
     shapes = {name: tuple(getattr(layer, attr).shape) for name, layer, attr, _ in entries}
@@ -512,10 +507,16 @@ def _load_weights(backbone, gguf_file, digest, norm_offset):
         cached = gguf_cache.open_cache(cache_path, digest, shapes)
         if cached is not None:
             for name, layer, attr, kind in entries:
-                if kind == "norm":  # a new array
-                    _initialize(getattr(layer, attr), cached[name] - offset, name)
-                else:  # a view of the memory-mapped file
-                    _initialize(getattr(layer, attr), cached[name], name, copy=True)
+                variable = getattr(layer, attr)
+                if quantize == "int8" and kind == "embedding":
+                    _quantize_embedding_by_rows(layer, cached, name)  # the float table never exists
+                    continue
+                if kind == "norm":
+                    _initialize(variable, cached[name] - offset, name)
+                else:  # read from the file, straight into a device buffer
+                    _initialize(variable, cached.device_array(name, variable.dtype), name)
+                if quantize:  # as its weights arrive: one layer's float weights at a time
+                    _quantize_layer(layer, quantize)
             return "cache"
     with contextlib.ExitStack() as stack:
         writer = None
@@ -527,6 +528,55 @@ def _load_weights(backbone, gguf_file, digest, norm_offset):
                 writer.add(name, value)  # the cache keeps the GGUF's own values
             _initialize(getattr(layer, attr), value - offset if kind == "norm" else value, name)
     return "gguf"
+
+
+# Float32 embedding rows read at once when quantizing the table from the cache (42 MB for the 270M).
+QUANTIZE_ROWS_A_BLOCK = 16384
+
+
+def _quantize_layer(layer, mode):
+    """`layer.quantize(mode)` with keras_tune's config, as `Model.quantize` does for each leaf layer."""
+    from keras_tune.models.loader import quantization_config
+
+    if callable(getattr(layer, "quantize", None)) and layer.quantization_mode is None:
+        try:
+            layer.quantize(mode, config=quantization_config(mode))
+        except NotImplementedError:  # as Model.quantize: layers without weight quantization stay float
+            pass
+
+
+def _quantize_embedding_by_rows(layer, cached, name):
+    """Quantizes the (deferred, never materialized) tied embedding to int8 from the cache, in row blocks.
+
+    Keras' own `ReversibleEmbedding.quantize("int8")` does the rest (variables,
+    dtype policy); its weight quantizer is replaced by one that reads the
+    float32 rows from the cache a block at a time and applies Keras'
+    `abs_max_quantize` formula per row (the row is the quantization axis, so
+    blocks of rows give the same numbers as the whole table). The 671 MB float
+    table of the 270M is never in memory; the result equals load-then-quantize
+    bit for bit (tested).
+    """
+    import keras
+    import numpy as np
+
+    from keras_tune.models.loader import quantization_config
+
+    class RowBlockQuantizer(keras.quantizers.AbsMaxQuantizer):
+        def __call__(self, x, axis=None, to_numpy=False):
+            rows = cached.entries[name][1][0]
+            values = np.empty(tuple(cached.entries[name][1]), np.int8)
+            scales = np.empty((rows, 1), np.float32)
+            low, high = self.value_range
+            for start in range(0, rows, QUANTIZE_ROWS_A_BLOCK):
+                block = cached.read_rows(name, start, min(rows, start + QUANTIZE_ROWS_A_BLOCK))
+                scale = np.divide(high, np.add(np.max(np.abs(block), axis=-1, keepdims=True), self.epsilon))
+                values[start : start + len(block)] = np.clip(np.round(np.multiply(block, scale)), low, high)
+                scales[start : start + len(block)] = scale
+            return keras.ops.convert_to_tensor(values), keras.ops.convert_to_tensor(scales, dtype="float32")
+
+    config = quantization_config("int8")
+    config = type(config)(weight_quantizer=RowBlockQuantizer(axis=-1), activation_quantizer=config.activation_quantizer)
+    layer.quantize("int8", config=config)
 
 
 def _deferred_backbone(kwargs, dtype):
@@ -574,7 +624,7 @@ def _initialize_leftovers(variables):
         compat.set_keras_global_attribute("uninitialized_variables", pending)
 
 
-def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_norm_offset=True):
+def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, quantize="", _subtract_norm_offset=True):
     """Builds a keras-hub `Gemma3CausalLM` from a Gemma 3 text GGUF, offline.
 
     The backbone is created with deferred variables (no random initialization),
@@ -588,6 +638,9 @@ def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_nor
         path: a Gemma 3 text GGUF (e.g. `registry_gguf_path()`).
         sequence_length: the preprocessor's sequence length (keras-hub default if None).
         dtype: the backbone's dtype or policy (keras default if None).
+        quantize: "", "int8" or "int4": the frozen base quantized with Keras'
+            `quantize` (`loader.quantization_config`); from the cache, layer by
+            layer as the weights arrive, so the float model never exists whole.
         _subtract_norm_offset: private, for tests: False keeps llama.cpp's +1 in
             the norm scales, a deliberately wrong model.
 
@@ -608,9 +661,13 @@ def load_gguf_causal_lm(path, *, sequence_length=None, dtype=None, _subtract_nor
         tokenizer = _tokenizer(gguf_file, digest)
         backbone, created = _deferred_backbone(kwargs, dtype)
         norm_offset = 1.0 if _subtract_norm_offset else 0.0
-        source = _load_weights(backbone, gguf_file, digest, norm_offset)
+        source = _load_weights(backbone, gguf_file, digest, norm_offset, quantize)
+    current = {id(v) for v in backbone.weights}  # quantized layers dropped their float variables
     loaded = {id(getattr(layer, attr)) for _, layer, attr, _ in _tensor_map(backbone)}
-    _initialize_leftovers([v for v in created if id(v) not in loaded])
+    _initialize_leftovers([v for v in created if id(v) in current and id(v) not in loaded])
+    if quantize and source == "gguf":  # converted in memory: quantized whole, once loaded
+        for _, layer, _, _ in _tensor_map(backbone):
+            _quantize_layer(layer, quantize)
     preprocessor_kwargs = {} if sequence_length is None else {"sequence_length": sequence_length}
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
         tokenizer=tokenizer, image_converter=None, **preprocessor_kwargs

@@ -173,7 +173,9 @@ def load_causal_lm(config):
     if model.source == "gguf":
         from keras_tune.models import gguf
 
-        return gguf.load_gguf_causal_lm(gguf_path(config), sequence_length=sequence_length, dtype=precision)
+        return gguf.load_gguf_causal_lm(
+            gguf_path(config), sequence_length=sequence_length, dtype=precision, quantize=config.train.quantize
+        )
     if model.source == "flax":
         from keras_tune.models.recurrent_gemma import source
 
@@ -186,32 +188,42 @@ def load_causal_lm(config):
     return causal_lm
 
 
-def quantize_base(causal_lm, mode):
-    """Stores the frozen base weights as int8 or int4 (Keras' own `quantize`), QLoRA-style.
+def quantization_config(mode):
+    """Keras' weight-only quantization config for `--quantize mode` ("int8" or "int4").
 
     Weight-only: the scales are per output channel (int8) or per block of 128
     inputs (int4) and activations stay in the compute precision, so the only
-    change to the function the model computes is the weights' rounding. LoRA,
-    enabled afterwards, trains float32 matrices on top; their shapes are the
-    unquantized model's, so an adapter moves between the two.
+    change to the function the model computes is the weights' rounding.
+
+    Args:
+        mode: "int8" or "int4".
+    """
+    import keras
+
+    if mode == "int8":
+        return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    if mode == "int4":
+        return keras.quantizers.Int4QuantizationConfig(activation_quantizer=None, block_size=128)
+    raise UserError(f"--quantize {mode}: expected int8 or int4")
+
+
+def quantize_base(causal_lm, mode):
+    """Stores the frozen base weights as int8 or int4 (Keras' own `quantize`), QLoRA-style.
+
+    LoRA, enabled afterwards, trains float32 matrices on top; their shapes are
+    the unquantized model's, so an adapter moves between the two. (The GGUF
+    loader quantizes as it loads instead: `load_gguf_causal_lm(quantize=)`.)
 
     Args:
         causal_lm: a keras-hub CausalLM, LoRA not yet enabled.
         mode: "int8" or "int4".
     """
-    import keras
-
-    configs = {
-        "int8": lambda: keras.quantizers.Int8QuantizationConfig(activation_quantizer=None),
-        "int4": lambda: keras.quantizers.Int4QuantizationConfig(activation_quantizer=None, block_size=128),
-    }
-    if mode not in configs:
-        raise UserError(f"--quantize {mode}: expected int8 or int4")
     import warnings
 
+    config = quantization_config(mode)
     with warnings.catch_warnings():  # norms, rotary embeddings, dropout: nothing to quantize, as intended
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        causal_lm.backbone.quantize(mode, config=configs[mode]())
+        causal_lm.backbone.quantize(mode, config=config)
 
 
 def remat_scope(config):
@@ -272,6 +284,7 @@ def build_model(config, *, lora=False, plan=None, devices=None):
     import keras
 
     from keras_tune.distribution import plan_sharding
+    from keras_tune.environment import release_freed_memory
     from keras_tune.lora import apply_lora, load_adapter, read_adapter
 
     adapter = config.model.adapter
@@ -285,7 +298,7 @@ def build_model(config, *, lora=False, plan=None, devices=None):
     started = time.perf_counter()
     with remat_scope(config):
         causal_lm = load_causal_lm(config)
-    if config.train.quantize:
+    if config.train.quantize and config.model.source != "gguf":  # the GGUF loader quantizes as it loads
         quantize_base(causal_lm, config.train.quantize)
     if not config.data.cross_document_attention and config.model.family in ("gemma", "gemma2", "gemma3"):
         from keras_tune.models.document_mask import enable_document_masking
@@ -294,4 +307,5 @@ def build_model(config, *, lora=False, plan=None, devices=None):
     if lora:
         apply_lora(causal_lm, config.lora.rank, config.lora.targets, config.lora.alpha)
     metadata = load_adapter(causal_lm, adapter, preset=config.preset) if adapter else None
+    release_freed_memory()  # loading's freed temporaries would otherwise count toward the training peak
     return BuiltModel(causal_lm=causal_lm, plan=plan, seconds=time.perf_counter() - started, adapter=metadata)
