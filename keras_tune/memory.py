@@ -558,6 +558,15 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
         per_element += 4
     if loss != "sparse":
         return tokens * shapes.vocab * per_element
+    # The sparse loss's hand-written gradient keeps no autodiff residuals: the
+    # forward logits and the backward pass's recomputed logits, which become the
+    # gradient in place (XLA reuses one buffer for both on the 270M; not on the
+    # tiny models, so the plan counts two).
+    per_element = 8 + (compute_bytes if compute_bytes != 4 else 0)
+    if shapes.final_soft_cap:
+        per_element += compute_bytes
+    if shapes.embeddings_trained:
+        per_element += 4
     # The sparse loss flattens the batch's loss positions and cuts them into
     # chunks of the whole mesh's tokens; the batch axis splits a chunk unless
     # the head itself is split over that axis (fsdp layouts): then XLA gives
