@@ -29,8 +29,15 @@ ROWS = [
 ]
 
 
-def evaluate_row(data_path, examples, overrides):
-    """`(loss, perplexity, accuracy, tokens)` of one row over the validation split."""
+def evaluate_row(data_path, examples, overrides, devices=None):
+    """`(loss, perplexity, accuracy, tokens)` of one row over the validation split.
+
+    Args:
+        data_path: the code corpus JSONL.
+        examples: examples read (a quarter validate).
+        overrides: the row's config overrides.
+        devices: devices of the 1x1 mesh (default: all, which must be one).
+    """
     import numpy as np
 
     import keras_tune
@@ -42,7 +49,7 @@ def evaluate_row(data_path, examples, overrides):
         "data.batch_size": 2, "data.batching": "pad", "data.validation_fraction": 0.25,
         "data.max_examples": examples, "train.steps": 1, "train.sample_prompts": (), **overrides,
     })
-    causal_lm = build_model(config, lora=True).causal_lm
+    causal_lm = build_model(config, lora=True, devices=devices).causal_lm
     data, total = fit_lib.setup_data(config, causal_lm.preprocessor.tokenizer)
     trainer = fit_lib.compile_model(causal_lm, config, total)
     with fit_lib.detached_preprocessor(trainer):
