@@ -17,9 +17,8 @@ from keras_tune import config as config_lib
 from keras_tune import fit
 from keras_tune.data import make_datasets, pipeline
 from keras_tune.models.tiny import tiny_tokenizer
-from keras_tune.rundir import read_rows
 from test_data_tfds import build_tfds_data_dir
-from test_resume import _adapter, _max_diff
+from test_resume import _adapter, _assert_same_metrics, _max_diff
 
 PAIRS = {
     "train": [(f"the cat number {i} sleeps" + " and purrs" * (3 * (i % 3)),
@@ -29,7 +28,6 @@ PAIRS = {
 }
 BATCHINGS = ("auto", "pad", "pack")  # auto is bucket for MTNT
 STEPS, SAVE_EVERY, EVAL_EVERY = 8, 2, 4
-COMPARED = ("step", "loss", "learning_rate", "val_loss", "val_perplexity", "val_accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +133,4 @@ def test_a_run_resumed_across_epoch_ends_equals_the_uninterrupted_run(data_dir, 
     result = fit.run(_config(data_dir, batching, out))
     assert result.initial_step == killed_after and result.final_step == STEPS
     assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
-    rows_a, rows_b = read_rows(os.path.join(reference, "metrics.csv")), read_rows(str(out / "metrics.csv"))
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == list(range(STEPS + 1))
-    for row_a, row_b in zip(rows_a, rows_b):
-        for column in COMPARED:
-            if row_a[column] is None:
-                assert row_b[column] is None, (row_a["step"], column)
-            else:
-                assert row_b[column] == pytest.approx(row_a[column], rel=1e-4, abs=1e-6), (row_a["step"], column)
+    _assert_same_metrics(reference, str(out), steps=STEPS)

@@ -15,7 +15,7 @@ from keras_tune import fit
 from keras_tune.rundir import read_rows
 from test_data_tfds import build_tfds_data_dir
 from test_distribution import _one_step
-from test_resume import _adapter, _max_diff
+from test_resume import _adapter, _assert_same_metrics, _max_diff
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY, EVAL_EVERY = 8, 2, 4
@@ -27,7 +27,6 @@ PAIRS = {
     "valid": [("good morning", "bonjour"), ("thank you", "merci"), ("see you", "a bientot")],
     "test": [("yes", "oui")],
 }
-COMPARED = ("step", "loss", "learning_rate", "val_loss", "val_perplexity")
 
 
 def _flags(data_dir, out):
@@ -114,11 +113,4 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(mtnt_run, tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resuming from {out}/checkpoints/{saved}: step {saved} of {STEPS}" in resumed.stdout
     assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
-    rows_a, rows_b = read_rows(os.path.join(reference, "metrics.csv")), read_rows(str(out / "metrics.csv"))
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-    for row_a, row_b in zip(rows_a, rows_b):
-        for column in COMPARED:
-            if row_a[column] is None:
-                assert row_b[column] is None, (row_a["step"], column)
-            else:
-                assert row_b[column] == pytest.approx(row_a[column], rel=1e-4, abs=1e-6), (row_a["step"], column)
+    _assert_same_metrics(reference, str(out), steps=None)
