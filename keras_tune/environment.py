@@ -262,6 +262,28 @@ def keep_tensorflow_off_accelerators(tf=None):
     return sorted({device.device_type for device in visible})
 
 
+def require_jax_backend():
+    """Refuses to go on when Keras runs on another backend than JAX.
+
+    `import keras_tune` picks JAX only where `KERAS_BACKEND` is unset and Keras
+    was not imported yet; a notebook that imported Keras first (Kaggle's default
+    backend is TensorFlow) would otherwise fail deep inside the first train step.
+
+    Raises:
+        UserError: Keras' backend is not "jax".
+    """
+    import keras
+
+    from keras_tune.errors import UserError
+
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise UserError(
+            f"Keras runs on the {backend!r} backend; keras_tune needs 'jax': set KERAS_BACKEND=jax "
+            "before Keras is first imported (or import keras_tune first) and restart the process"
+        )
+
+
 def release_freed_memory():
     """Returns memory the C heap keeps after frees to the operating system (glibc's `malloc_trim`).
 

@@ -162,3 +162,24 @@ def test_keras_hub_tokenizers_build_quietly(capfd):
     tokenizer = tiny_tokenizer("gemma")
     assert int(tokenizer.token_to_id("<bos>")) == 2
     assert "LOG(INFO)" not in capfd.readouterr().err
+
+
+def test_a_keras_on_another_backend_is_refused_in_one_line(tmp_path):
+    """Keras imported on TensorFlow (Kaggle's default) fails before any model is built, in one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_HARNESS_VARIABLES)}
+    env["KERAS_BACKEND"] = "tensorflow"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_tune.fit", "--preset", "gemma_tiny", "--dry-run"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: Keras runs on the 'tensorflow' backend; keras_tune needs 'jax': set KERAS_BACKEND=jax "
+        "before Keras is first imported (or import keras_tune first) and restart the process"
+    ], result.stderr
+
+
+def test_require_jax_backend_passes_on_jax():
+    environment.require_jax_backend()  # the suite runs on JAX: no error

@@ -69,6 +69,10 @@ def abstract_model(config, lora=True):
     """
     import keras
 
+    from keras_tune.environment import require_jax_backend
+
+    require_jax_backend()
+
     from keras_tune.lora import apply_lora
 
     backbone_cls, _, _ = _classes(config.model.family)
@@ -284,9 +288,10 @@ def build_model(config, *, lora=False, plan=None, devices=None):
     import keras
 
     from keras_tune.distribution import plan_sharding
-    from keras_tune.environment import release_freed_memory
+    from keras_tune.environment import release_freed_memory, require_jax_backend
     from keras_tune.lora import apply_lora, load_adapter, read_adapter
 
+    require_jax_backend()
     adapter = config.model.adapter
     if adapter:
         read_adapter(adapter)  # an unreadable file fails before the model is built
