@@ -3,6 +3,8 @@
 `keras_tune.fit.run` hands these to keras `fit`, in this order (each reads what
 the ones before it wrote into the same `logs` dict):
 
+- `CommittedState`: before each epoch, the model's, optimizer's and metrics'
+  arrays are committed to their devices, so the train step compiles once.
 - `StepTracker`: the run's global step (resumes included), the per-step loss, the
   stop at `--steps`, and the stop on a NaN/inf loss (no checkpoint, adapter or
   sample is written from a diverged model).
@@ -66,6 +68,21 @@ class Progress:
     @property
     def diverged(self):
         return self.nonfinite_step is not None
+
+
+class CommittedState(keras.callbacks.Callback):
+    """Commits the training state to its devices before each epoch's first step (`distribution.commit_to_devices`).
+
+    Keras resets the metrics (to fresh, uncommitted arrays) just before
+    `on_epoch_begin` and reads the state from the variables after it, so every
+    step sees the same argument shardings.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from keras_tune.distribution import commit_to_devices
+
+        model = self._model
+        commit_to_devices([*model.variables, *model.optimizer.variables, *model.metrics_variables])
 
 
 class StepTracker(keras.callbacks.Callback):

@@ -476,7 +476,7 @@ def training_callbacks(causal_lm, config, plan, store, identity, output_dir, pro
     accumulation = max(1, config.optimizer.accumulation_steps)
     throughput = cb.Throughput(per_token, peak)
     metrics_log = cb.MetricsLog(progress, output_dir, learning_rate=lambda step: rate_at(step // accumulation))
-    callbacks = [cb.StepTracker(progress), throughput, metrics_log]
+    callbacks = [cb.CommittedState(), cb.StepTracker(progress), throughput, metrics_log]
     if train_config.sample_prompts:
         chat = bool(config.model.instruct)
         callbacks.append(cb.Samples(
