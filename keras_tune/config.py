@@ -154,13 +154,14 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 "peak_tflops": 0.0,
                 # The training loss: "sparse" computes the output head and the
                 # cross-entropy only at positions that carry loss, in chunks of
-                # `loss_chunk_tokens` tokens (0 = one chunk); "full" is keras-hub's
-                # plain path (logits at every position). A chunk's logits take
-                # vocabulary x 4 bytes a token (256 MiB at 256 tokens of Gemma's
-                # 262k vocabulary); smaller chunks cost speed on CPUs (a loop of
-                # smaller matmuls: 2 chunks of 128 were 25% slower than one of 256).
+                # `loss_chunk_tokens` tokens (0 = one chunk) and blocks of 4,096
+                # vocabulary rows; "full" is keras-hub's plain path (logits at
+                # every position). A chunk's block of logits takes 4,096 x 4 bytes
+                # a token (16 MiB at 1,024 tokens); every chunk reads the whole
+                # table three times (forward, recomputation, gradient), so fewer,
+                # larger chunks cost less time.
                 "loss": "sparse",
-                "loss_chunk_tokens": 256,
+                "loss_chunk_tokens": 1024,
                 # Frozen base weights stored as "int8" or "int4" (QLoRA-style);
                 # "" keeps them in the training precision.
                 "quantize": "",

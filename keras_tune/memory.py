@@ -45,10 +45,10 @@ What is counted, per device (each tensor divided by its placement's shards):
 - **logits/loss buffer**: `full`: tokens x vocabulary of float32 shifted
   logits, their exp and their gradient (plus the compute-dtype logits when
   those are narrower, the soft cap's tanh, a second gradient when the
-  embedding trains); `sparse` (`keras_tune.losses`): the same for one chunk of
-  `train.loss_chunk_tokens` (the worst case: every position carries loss), and
-  with more than one chunk the one-hot gradient and a copy of the output head
-  that XLA carries through the chunk loop. The peak holds the larger of this
+  embedding trains); `sparse` (`keras_tune.losses`): the forward and
+  recomputed logits of one block of vocabulary rows for one chunk of
+  `train.loss_chunk_tokens` tokens (the worst case: every position carries
+  loss), plus the gathered table of fsdp layouts. The peak holds the larger of this
   buffer and the backward workspace, not both.
 - **transient weights**: the largest weight as the compute uses it, where that
   differs from how it is stored: gathered over the 'batch' axis (fsdp
@@ -545,8 +545,9 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
         chunk_tokens: tokens a chunk for the sparse loss, over the whole mesh
             (0 = all at once).
         batch_axis: size of the mesh's batch axis, which splits a chunk.
-        quantize: "int8": the sparse loss's head takes the table in blocks of
-            `losses.QUANTIZED_VOCABULARY_BLOCK` rows.
+        quantize: "int4": the sparse loss goes through keras-hub's head (the
+            whole vocabulary at once); otherwise it takes the table in blocks
+            of `losses.vocabulary_block_rows` rows.
     """
     # The float32 logits (shifted by their max) and the exp the cross-entropy
     # keeps, and their float32 gradient; logits in a narrower compute dtype are
@@ -574,10 +575,10 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
     total = tokens * batch_axis
     chunk = min(chunk_tokens or total, total)
     rows = chunk // (1 if shapes.head_on_batch_axis else batch_axis)
-    from keras_tune.losses import QUANTIZED_VOCABULARY_BLOCK
+    from keras_tune.losses import vocabulary_block_rows
 
-    # An int8 table is used a block of rows at a time (`losses.TiedHead`).
-    vocab = min(shapes.vocab, QUANTIZED_VOCABULARY_BLOCK) if quantize == "int8" else shapes.vocab
+    # The tied head takes the table a block of rows at a time (`losses.TiedHead`).
+    vocab = shapes.vocab if quantize == "int4" else vocabulary_block_rows(shapes.vocab)
     # One chunk's buffers at a time (a loop, recomputed in the backward pass);
     # the hand-written gradient needs no one-hot buffer. A table split over the
     # batch axis (fsdp) is gathered whole for the loop: a copy on every device.

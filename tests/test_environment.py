@@ -183,3 +183,26 @@ def test_a_keras_on_another_backend_is_refused_in_one_line(tmp_path):
 
 def test_require_jax_backend_passes_on_jax():
     environment.require_jax_backend()  # the suite runs on JAX: no error
+
+
+def test_freed_heap_is_released_after_every_compile_by_one_listener(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    calls, compiles = [], []
+    monkeypatch.setattr(environment, "release_freed_memory", lambda: calls.append(1) or True)
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(1)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        environment.release_memory_after_compiles()
+        assert environment.release_memory_after_compiles() is False  # registered once per process
+        values = jnp.arange(7.0)
+        jax.jit(lambda x: jnp.sin(x) * 3.25 + x.size)(values).block_until_ready()  # a new program
+        jax.jit(lambda x: jnp.cos(x) * 1.5 - x.size)(values).block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert len(compiles) >= 2 and len(calls) == len(compiles)  # once per compile, not twice

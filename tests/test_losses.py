@@ -65,7 +65,8 @@ def _loss_and_grads(model, x, y, weight):
 
 @pytest.mark.parametrize("mesh", ["1x1", "1x8"])
 @pytest.mark.parametrize("preset", ["gemma_tiny", "gemma2_tiny", "gemma3_tiny"])
-def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh):
+def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monkeypatch):
+    monkeypatch.setattr(losses, "VOCABULARY_BLOCK", 256)  # the tiny vocabularies in several blocks
     devices = jax.devices()[:1] if mesh == "1x1" else None
     config = config_lib.load_config(preset, overrides={"distribution.mesh": mesh, "lora.targets": "query,value,ffw_linear"})
     causal_lm = build_model(config, lora=True, devices=devices).causal_lm
@@ -73,6 +74,7 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh):
     for variable in causal_lm.trainable_variables:  # LoRA B starts at 0: make every adapter matter
         variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
     trainer = losses.SparseLossModel(causal_lm, chunk_tokens=16)  # several chunks, the last one padded
+    assert 32 <= losses.TiedHead(causal_lm.backbone.token_embedding).block_rows() < causal_lm.backbone.vocabulary_size
     if preset == "gemma2_tiny":
         assert causal_lm.backbone.final_logit_soft_cap  # the soft-cap is on this path
     for kind in ("targets", "key_tokens", "all"):
@@ -106,8 +108,9 @@ def _compare_sparse_and_full(causal_lm, chunk_tokens=16, kinds=("targets", "key_
 
 
 @pytest.mark.parametrize("preset", ["gemma2_tiny", "gemma3_tiny"])
-def test_full_fine_tuning_gets_the_same_embedding_gradient(preset):
-    """lora.rank 0: the tied table trains, through the head's hand-written gradient too."""
+def test_full_fine_tuning_gets_the_same_embedding_gradient(preset, monkeypatch):
+    """lora.rank 0: the tied table trains, through the head's hand-written gradient too (block by block)."""
+    monkeypatch.setattr(losses, "VOCABULARY_BLOCK", 256)
     config = config_lib.load_config(preset, overrides={"distribution.mesh": "1x1", "lora.rank": 0})
     causal_lm = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
     embedding = causal_lm.backbone.token_embedding.embeddings
@@ -117,7 +120,7 @@ def test_full_fine_tuning_gets_the_same_embedding_gradient(preset):
 
 def test_an_int8_table_in_vocabulary_blocks_equals_keras_int8_head(monkeypatch):
     """--quantize int8: the sparse head's online log-sum-exp over blocks of rows equals keras' int8 logits."""
-    monkeypatch.setattr(losses, "QUANTIZED_VOCABULARY_BLOCK", 256)
+    monkeypatch.setattr(losses, "VOCABULARY_BLOCK", 256)
     config = config_lib.load_config("gemma2_tiny", overrides={
         "distribution.mesh": "1x1", "train.quantize": "int8", "lora.targets": "query,value,ffw_linear",
     })
