@@ -12,7 +12,7 @@ of the positions. With `train.loss = "sparse"` (the default):
 2. `SparseLossModel` runs the backbone, gathers the hidden states at those
    positions, and computes the head and the cross-entropy there only, in chunks
    of `train.loss_chunk_tokens` tokens and, within a chunk, blocks of
-   `VOCABULARY_BLOCK` vocabulary rows with an online log-sum-exp; the
+   vocabulary rows (`LOGITS_PER_BLOCK` logits) with an online log-sum-exp; the
    backward pass recomputes a block's logits instead of keeping them, so one
    block of `[tokens, rows]` logits exists at a time, forward or backward;
 3. the per-position NLL (and whether the argmax was right) is scattered back to
@@ -104,24 +104,29 @@ def with_loss_positions(dataset):
     return dataset.map(add_loss_positions, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-# Vocabulary rows a block of the head: one block's logits, `[tokens, rows]`
-# float32, is what the loss holds at a time (32 MiB for 256 tokens), and an int8
-# table is converted to float one block at a time (whole, it would be a float
-# copy: 671 MB on the 270M).
-VOCABULARY_BLOCK = 4096
+# Logits a block of the head holds: `[tokens, rows]` float32 (4 MiB), so a
+# chunk of 256 tokens takes the table 4,096 rows at a time and a small chunk
+# more rows (fewer, larger matmuls). An int8 table is converted to float one
+# block at a time (whole, it would be a float copy: 671 MB on the 270M).
+LOGITS_PER_BLOCK = 1 << 20
+# Fewest rows a block: a huge chunk still multiplies by blocks worth a matmul.
+MIN_BLOCK_ROWS = 512
 
 
-def vocabulary_block_rows(vocabulary):
-    """Rows a block of a `vocabulary`-row table: the largest divisor up to `VOCABULARY_BLOCK`.
+def vocabulary_block_rows(vocabulary, tokens):
+    """Rows a block of a `vocabulary`-row table for a chunk of `tokens` tokens.
 
-    A divisor, so the table is reshaped into blocks, not padded (a copy); a
-    vocabulary with no divisor near the block size is taken whole.
+    The largest divisor of the vocabulary up to `LOGITS_PER_BLOCK / tokens`
+    (at least `MIN_BLOCK_ROWS`), so the table is reshaped into blocks, not padded (a copy);
+    a vocabulary with no divisor near that is taken whole.
 
     Args:
         vocabulary: rows of the table.
+        tokens: tokens in a chunk.
     """
-    rows = next(r for r in range(min(VOCABULARY_BLOCK, vocabulary), 0, -1) if vocabulary % r == 0)
-    return rows if rows >= min(vocabulary, VOCABULARY_BLOCK // 8) else vocabulary
+    target = min(vocabulary, max(MIN_BLOCK_ROWS, LOGITS_PER_BLOCK // max(1, tokens)))
+    rows = next(r for r in range(target, 0, -1) if vocabulary % r == 0)
+    return rows if rows >= target // 8 else vocabulary
 
 
 class TiedHead:
@@ -131,7 +136,7 @@ class TiedHead:
     chunks CPU XLA hoists that transpose out of the loop and keeps a transposed
     copy of the table (671 MB on the 270M); contracting the table's own last
     axis needs no copy. The loss uses the table one block of
-    `vocabulary_block_rows` rows at a time (an int8 block converted to float
+    `block_rows(tokens)` rows at a time (an int8 block converted to float
     inside it). Soft-cap, `reverse_dtype` and the int8 scales are keras-hub's
     and Keras' own formulas.
 
@@ -150,9 +155,9 @@ class TiedHead:
         """Whether `embedding` is a head `TiedHead` computes (else use the layer itself)."""
         return bool(getattr(embedding, "tie_weights", False)) and embedding.quantization_mode in (None, "int8")
 
-    def block_rows(self):
-        """Vocabulary rows a block (`vocabulary_block_rows`)."""
-        return vocabulary_block_rows(self.embedding.input_dim)
+    def block_rows(self, tokens):
+        """Vocabulary rows a block for a chunk of `tokens` tokens (`vocabulary_block_rows`)."""
+        return vocabulary_block_rows(self.embedding.input_dim, tokens)
 
     def tables(self):
         """`(table, scale)` as the step sees them (scale is None for a float table)."""
@@ -292,7 +297,7 @@ def head_nll(hidden, targets, head, chunk_tokens=0):
     table = scale = rows = None
     if isinstance(head, TiedHead):
         table, scale = head.tables()
-        rows = head.block_rows()
+        rows = head.block_rows(chunk)
 
     def one_chunk(inputs):
         states, ids = inputs

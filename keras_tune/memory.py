@@ -578,7 +578,7 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
     from keras_tune.losses import vocabulary_block_rows
 
     # The tied head takes the table a block of rows at a time (`losses.TiedHead`).
-    vocab = shapes.vocab if quantize == "int4" else vocabulary_block_rows(shapes.vocab)
+    vocab = shapes.vocab if quantize == "int4" else vocabulary_block_rows(shapes.vocab, chunk)
     # One chunk's buffers at a time (a loop, recomputed in the backward pass);
     # the hand-written gradient needs no one-hot buffer. A table split over the
     # batch axis (fsdp) is gathered whole for the loop: a copy on every device.

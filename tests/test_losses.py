@@ -63,10 +63,25 @@ def _loss_and_grads(model, x, y, weight):
     return jax.jit(jax.value_and_grad(loss_fn))(trainable)
 
 
+def _small_blocks(monkeypatch):
+    """Chunks of 16 tokens take the table 256 rows a block (the real vocabularies: 65,536)."""
+    monkeypatch.setattr(losses, "LOGITS_PER_BLOCK", 16 * 256)
+    monkeypatch.setattr(losses, "MIN_BLOCK_ROWS", 32)
+
+
+def test_block_rows_divide_the_vocabulary_and_grow_as_chunks_shrink():
+    assert losses.vocabulary_block_rows(262144, 256) == 4096  # 1M logits: 4 MiB of float32
+    assert losses.vocabulary_block_rows(262144, 64) == 16384
+    assert losses.vocabulary_block_rows(262144, 1 << 20) == 512  # never below MIN_BLOCK_ROWS
+    assert losses.vocabulary_block_rows(256000, 256) == 4000  # Gemma 1 and 2: a divisor
+    assert losses.vocabulary_block_rows(1000, 256) == 1000  # small: whole
+    assert losses.vocabulary_block_rows(262147, 256) == 262147  # a prime: no divisor near, whole
+
+
 @pytest.mark.parametrize("mesh", ["1x1", "1x8"])
 @pytest.mark.parametrize("preset", ["gemma_tiny", "gemma2_tiny", "gemma3_tiny"])
 def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monkeypatch):
-    monkeypatch.setattr(losses, "VOCABULARY_BLOCK", 256)  # the tiny vocabularies in several blocks
+    _small_blocks(monkeypatch)  # the tiny vocabularies in several blocks
     devices = jax.devices()[:1] if mesh == "1x1" else None
     config = config_lib.load_config(preset, overrides={"distribution.mesh": mesh, "lora.targets": "query,value,ffw_linear"})
     causal_lm = build_model(config, lora=True, devices=devices).causal_lm
@@ -74,7 +89,7 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monk
     for variable in causal_lm.trainable_variables:  # LoRA B starts at 0: make every adapter matter
         variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
     trainer = losses.SparseLossModel(causal_lm, chunk_tokens=16)  # several chunks, the last one padded
-    assert 32 <= losses.TiedHead(causal_lm.backbone.token_embedding).block_rows() < causal_lm.backbone.vocabulary_size
+    assert 32 <= losses.TiedHead(causal_lm.backbone.token_embedding).block_rows(16) < causal_lm.backbone.vocabulary_size
     if preset == "gemma2_tiny":
         assert causal_lm.backbone.final_logit_soft_cap  # the soft-cap is on this path
     for kind in ("targets", "key_tokens", "all"):
@@ -110,7 +125,7 @@ def _compare_sparse_and_full(causal_lm, chunk_tokens=16, kinds=("targets", "key_
 @pytest.mark.parametrize("preset", ["gemma2_tiny", "gemma3_tiny"])
 def test_full_fine_tuning_gets_the_same_embedding_gradient(preset, monkeypatch):
     """lora.rank 0: the tied table trains, through the head's hand-written gradient too (block by block)."""
-    monkeypatch.setattr(losses, "VOCABULARY_BLOCK", 256)
+    _small_blocks(monkeypatch)
     config = config_lib.load_config(preset, overrides={"distribution.mesh": "1x1", "lora.rank": 0})
     causal_lm = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
     embedding = causal_lm.backbone.token_embedding.embeddings
@@ -120,13 +135,13 @@ def test_full_fine_tuning_gets_the_same_embedding_gradient(preset, monkeypatch):
 
 def test_an_int8_table_in_vocabulary_blocks_equals_keras_int8_head(monkeypatch):
     """--quantize int8: the sparse head's online log-sum-exp over blocks of rows equals keras' int8 logits."""
-    monkeypatch.setattr(losses, "VOCABULARY_BLOCK", 256)
+    _small_blocks(monkeypatch)
     config = config_lib.load_config("gemma2_tiny", overrides={
         "distribution.mesh": "1x1", "train.quantize": "int8", "lora.targets": "query,value,ffw_linear",
     })
     causal_lm = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
     head = losses.TiedHead(causal_lm.backbone.token_embedding)
-    assert head.quantized and 32 <= head.block_rows() <= 256 < causal_lm.backbone.vocabulary_size
+    assert head.quantized and 32 <= head.block_rows(16) <= 256 < causal_lm.backbone.vocabulary_size
     rng = np.random.default_rng(4)
     for variable in causal_lm.trainable_variables:
         variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
