@@ -23,10 +23,10 @@ The head is the model's tied embedding table (`TiedHead`) with keras-hub's
 formulas for Gemma 2's final soft-cap, reverse dtypes and Keras' int8 scales,
 contracting the table's own last axis (keras-hub's transpose makes CPU XLA keep a
 transposed copy of the table), and a hand-written gradient (`_table_nll`). The
-blocks cost no FLOPs (the backward pass recomputes the logits either way) and,
-on the 270M on CPU, no time: 4,096 rows a block ran a step in 2.64 s against
-3.05 s for the whole vocabulary at once (the blocks stay in cache), with 390
-against 633 MiB of XLA temporaries. An int8 table is converted to float one
+blocks cost no FLOPs (the backward pass recomputes the logits either way); on
+the 270M on CPU (2 x 128 tokens) a step took 2.5-2.7 s with blocks and 2.5-3.05 s
+without in probes (run-to-run noise is that large), with 392 against 633 MiB of
+XLA temporaries. An int8 table is converted to float one
 block at a time. Other heads (int4) go through keras-hub's
 `token_embedding(reverse=True)`, a chunk at a time under `jax.checkpoint`.
 Alternatives looked at: tokamax's `linear_softmax_cross_entropy_loss` (no
