@@ -49,7 +49,7 @@ def test_a_quantized_base_still_learns_and_its_adapter_loads_on_the_float_model(
 
     corpus = write_corpus(tmp_path / "corpus.txt")
     config = config_lib.load_config("gemma3_tiny", overrides={
-        "data.name": "text", "data.path": corpus, "train.steps": 12, "train.eval_every": 12,
+        "data.name": "text", "data.path": corpus, "train.steps": 8, "train.eval_every": 8,
         "optimizer.learning_rate": 1e-2, "train.quantize": mode, "train.output_dir": str(tmp_path / mode),
     })
     result = fit.run(config)
