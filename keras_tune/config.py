@@ -154,11 +154,11 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 "peak_tflops": 0.0,
                 # The training loss: "sparse" computes the output head and the
                 # cross-entropy only at positions that carry loss, in chunks of
-                # `loss_chunk_tokens` tokens (0 = one chunk) and blocks of 4,096
-                # vocabulary rows; "full" is keras-hub's plain path (logits at
-                # every position). A chunk's block of logits takes 4,096 x 4 bytes
-                # a token (16 MiB at 1,024 tokens); every chunk reads the whole
-                # table three times (forward, recomputation, gradient), so fewer,
+                # `loss_chunk_tokens` tokens (0 = one chunk) and blocks of
+                # vocabulary rows holding about 1M float32 logits (4 MiB;
+                # `losses.LOGITS_PER_BLOCK`); "full" is keras-hub's plain path
+                # (logits at every position). Every chunk reads the whole table
+                # three times (forward, recomputation, gradient), so fewer,
                 # larger chunks cost less time.
                 "loss": "sparse",
                 "loss_chunk_tokens": 1024,

@@ -272,7 +272,7 @@ def release_memory_after_compiles():
     XLA's compiler frees hundreds of MB of small allocations that glibc keeps
     resident; the compiled step's temporaries, allocated next, then come on top
     of them. On the 270M (one CPU device, batch 2 x 128) this lowers a run's
-    peak RSS from 2,900 to 2,730 MiB. `malloc_trim` takes milliseconds, and
+    peak RSS from 2,900 to 2,724 MiB. `malloc_trim` takes milliseconds, and
     compiles are few.
 
     Returns:

@@ -70,10 +70,9 @@ def abstract_model(config, lora=True):
     import keras
 
     from keras_tune.environment import require_jax_backend
+    from keras_tune.lora import apply_lora
 
     require_jax_backend()
-
-    from keras_tune.lora import apply_lora
 
     backbone_cls, _, _ = _classes(config.model.family)
     kwargs = backbone_kwargs(config)
