@@ -111,9 +111,14 @@ def with_loss_positions(dataset):
 LOGITS_PER_BLOCK = 1 << 20
 # Fewest rows a block: a huge chunk still multiplies by blocks worth a matmul.
 MIN_BLOCK_ROWS = 512
+# A float table is taken whole while a chunk's logits stay under this (128 MiB
+# of float32): on CPU every block is a copy of its rows (the matmul wants a
+# contiguous operand), one read of the table a pass whatever the chunk, which
+# small chunks cannot hide (270M, 32 tokens: a step 1.43 s in blocks, 1.15 s whole).
+WHOLE_TABLE_LOGITS = 1 << 25
 
 
-def vocabulary_block_rows(vocabulary, tokens):
+def vocabulary_block_rows(vocabulary, tokens, whole_when_small=False):
     """Rows a block of a `vocabulary`-row table for a chunk of `tokens` tokens.
 
     The largest divisor of the vocabulary up to `LOGITS_PER_BLOCK / tokens`
@@ -123,7 +128,12 @@ def vocabulary_block_rows(vocabulary, tokens):
     Args:
         vocabulary: rows of the table.
         tokens: tokens in a chunk.
+        whole_when_small: take the table whole when the chunk's logits are at
+            most `WHOLE_TABLE_LOGITS` (a table used as it is stored; one that
+            is converted, int8 for one, is converted a block at a time).
     """
+    if whole_when_small and tokens * vocabulary <= WHOLE_TABLE_LOGITS:
+        return vocabulary
     target = min(vocabulary, max(MIN_BLOCK_ROWS, LOGITS_PER_BLOCK // max(1, tokens)))
     rows = next(r for r in range(target, 0, -1) if vocabulary % r == 0)
     return rows if rows >= target // 8 else vocabulary
@@ -157,7 +167,10 @@ class TiedHead:
 
     def block_rows(self, tokens):
         """Vocabulary rows a block for a chunk of `tokens` tokens (`vocabulary_block_rows`)."""
-        return vocabulary_block_rows(self.embedding.input_dim, tokens)
+        # Whole only when no block is converted (int8, or a cast to the compute or reverse dtype).
+        stored = self.embedding.variable_dtype
+        as_stored = not self.quantized and self.reverse_dtype in (None, stored) and self.embedding.compute_dtype == stored
+        return vocabulary_block_rows(self.embedding.input_dim, tokens, whole_when_small=as_stored)
 
     def tables(self):
         """`(table, scale)` as the step sees them (scale is None for a float table)."""

@@ -532,7 +532,8 @@ def activation_bytes(shapes, batch, seq, compute_bytes, remat):
     return sum(count * kept for count, kept in blocks) + final
 
 
-def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, batch_axis=1, quantize=""):
+def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, batch_axis=1, quantize="",
+                 mixed_precision=False):
     """Bytes of the logits and the loss's buffers at their peak, on one device.
 
     Args:
@@ -548,6 +549,8 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
         quantize: "int4": the sparse loss goes through keras-hub's head (the
             whole vocabulary at once); otherwise it takes the table in blocks
             of `losses.vocabulary_block_rows` rows.
+        mixed_precision: float32 weights computed in bfloat16 (a block is
+            cast, so the table is never taken whole).
     """
     # The float32 logits (shifted by their max) and the exp the cross-entropy
     # keeps, and their float32 gradient; logits in a narrower compute dtype are
@@ -578,7 +581,9 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
     from keras_tune.losses import vocabulary_block_rows
 
     # The tied head takes the table a block of rows at a time (`losses.TiedHead`).
-    vocab = shapes.vocab if quantize == "int4" else vocabulary_block_rows(shapes.vocab, chunk)
+    # A float table used as stored (no int8 or mixed-precision cast) is taken whole for small chunks.
+    as_stored = not quantize and not mixed_precision
+    vocab = shapes.vocab if quantize == "int4" else vocabulary_block_rows(shapes.vocab, chunk, as_stored)
     # One chunk's buffers at a time (a loop, recomputed in the backward pass);
     # the hand-written gradient needs no one-hot buffer. A table split over the
     # batch axis (fsdp) is gathered whole for the loop: a copy on every device.
@@ -745,7 +750,7 @@ def figures(config, plan, arch=None):
     activations = remat if config.train.remat else no_remat
     workspace = backward_workspace(shapes, batch, seq, compute)
     logits = logits_bytes(shapes, batch * seq, compute, config.train.loss, config.train.loss_chunk_tokens, batch_axis,
-                          config.train.quantize)
+                          config.train.quantize, config.train.precision == "mixed_bfloat16")
     total = (
         weights["base"] + weights["trainable"] + weights["optimizer"] + weights["gradients"]
         + activations + max(logits, workspace) + weights["transient"]

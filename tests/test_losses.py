@@ -67,6 +67,7 @@ def _small_blocks(monkeypatch):
     """Chunks of 16 tokens take the table 256 rows a block (the real vocabularies: 65,536)."""
     monkeypatch.setattr(losses, "LOGITS_PER_BLOCK", 16 * 256)
     monkeypatch.setattr(losses, "MIN_BLOCK_ROWS", 32)
+    monkeypatch.setattr(losses, "WHOLE_TABLE_LOGITS", 0)  # float tables in blocks as well
 
 
 def test_block_rows_divide_the_vocabulary_and_grow_as_chunks_shrink():
@@ -76,6 +77,23 @@ def test_block_rows_divide_the_vocabulary_and_grow_as_chunks_shrink():
     assert losses.vocabulary_block_rows(256000, 256) == 4000  # Gemma 1 and 2: a divisor
     assert losses.vocabulary_block_rows(1000, 256) == 1000  # small: whole
     assert losses.vocabulary_block_rows(262147, 256) == 262147  # a prime: no divisor near, whole
+    # A table used as stored is taken whole while a chunk's logits are at most 32M (128 MiB).
+    assert losses.vocabulary_block_rows(262144, 128, whole_when_small=True) == 262144
+    assert losses.vocabulary_block_rows(262144, 129, whole_when_small=True) == 4096
+    assert losses.vocabulary_block_rows(256000, 256, whole_when_small=True) == 4000
+
+
+def test_a_float_table_is_taken_whole_for_small_chunks_and_an_int8_one_in_blocks(monkeypatch):
+    monkeypatch.setattr(losses, "WHOLE_TABLE_LOGITS", 16 * 1024)
+    monkeypatch.setattr(losses, "LOGITS_PER_BLOCK", 16 * 32)
+    monkeypatch.setattr(losses, "MIN_BLOCK_ROWS", 32)
+    for quantize in ("", "int8"):
+        config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "train.quantize": quantize})
+        head = losses.TiedHead(build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm.backbone.token_embedding)
+        vocabulary = head.embedding.input_dim
+        assert vocabulary == 1024  # 16 tokens x 1,024 rows: at the whole-table limit
+        assert head.block_rows(16) == (32 if quantize else vocabulary), quantize
+        assert head.block_rows(17) == 32, quantize
 
 
 @pytest.mark.parametrize("mesh", ["1x1", "1x8"])
@@ -120,6 +138,17 @@ def _compare_sparse_and_full(causal_lm, chunk_tokens=16, kinds=("targets", "key_
         for variable, full, sparse in zip(causal_lm.trainable_variables, full_grads, sparse_grads):
             scale = float(np.abs(full).max())
             np.testing.assert_allclose(sparse, full, rtol=1e-5, atol=1e-5 * scale, err_msg=f"{kind} {variable.path}")
+
+
+def test_a_whole_float_table_gives_the_full_paths_loss_and_gradients():
+    """Small chunks take a float table whole (one block): same loss and gradients, soft-cap included."""
+    config = config_lib.load_config("gemma2_tiny", overrides={"distribution.mesh": "1x1", "lora.targets": "query,value,ffw_linear"})
+    causal_lm = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
+    assert losses.TiedHead(causal_lm.backbone.token_embedding).block_rows(16) == causal_lm.backbone.vocabulary_size
+    rng = np.random.default_rng(5)
+    for variable in causal_lm.trainable_variables:
+        variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
+    _compare_sparse_and_full(causal_lm, kinds=("targets", "all"))
 
 
 @pytest.mark.parametrize("preset", ["gemma2_tiny", "gemma3_tiny"])
