@@ -25,10 +25,25 @@ REPO = Path(__file__).resolve().parent.parent
 # Child processes.
 
 
-def child_env(devices):
-    """Environment for a child that must see `devices` simulated CPU devices."""
+# What a plain keras-hub user gets: XLA's default CPU schedule (`import keras_tune`
+# would otherwise ask for the memory-optimized one in the recipe's process too).
+PLAIN_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+
+
+def child_env(devices, kind=None):
+    """Environment for a child that must see `devices` simulated CPU devices.
+
+    Args:
+        devices: simulated CPU devices.
+        kind: the job's kind; "plain" (the keras-hub recipe) runs with XLA's default CPU schedule.
+    """
+    from keras_tune.environment import cpu_scheduler_flag_known
+
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    flags = re.sub(r"--xla_cpu_scheduler_type=\S+", "", flags)
+    if kind == "plain" and cpu_scheduler_flag_known():
+        flags = f"{flags} {PLAIN_SCHEDULER_FLAG}"
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["KERAS_BACKEND"] = "jax"
@@ -61,7 +76,7 @@ def spawn(script, job, devices, timeout, log_dir=None):
         try:
             proc = subprocess.run(
                 [sys.executable, str(script), "--child", json.dumps(job)],
-                env=child_env(devices),
+                env=child_env(devices, job.get("kind")),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
@@ -147,7 +162,7 @@ def run_in_turns(script, jobs, devices, timeout, log_dir, turn_steps, settle_s=0
         log = open(log_dir / f"{job['name']}.log", "w")
         proc = subprocess.Popen(
             [sys.executable, str(script), "--child", json.dumps(child_job)],
-            env=child_env(devices), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+            env=child_env(devices, job.get("kind")), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
             pass_fds=(to_child_r, from_child_w),
         )
         os.close(to_child_r)

@@ -26,9 +26,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 # Before anything imports TensorFlow or JAX: TensorFlow's and SentencePiece's
 # start-up logs off (TF_CPP_MIN_LOG_LEVEL=0 brings them back), TensorFlow on CPU only.
-from keras_tune.environment import quiet_start  # noqa: E402
+from keras_tune.environment import prefer_memory_optimized_cpu_schedule, quiet_start  # noqa: E402
 
 quiet_start()
+prefer_memory_optimized_cpu_schedule()  # read when JAX starts its CPU backend
 
 _EXPORTS = {
     "UserError": "keras_tune.errors",

@@ -54,3 +54,16 @@ def test_run_quick_writes_json(tmp_path):
 
     for title in ("## Step throughput", "## Input pipeline", "## Scaling", "## GPU"):
         assert title in proc.stdout
+
+
+def test_the_recipe_side_runs_with_xlas_default_cpu_schedule(monkeypatch):
+    """Only keras_tune's processes get the memory-optimized schedule `import keras_tune` asks for."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import common
+    from keras_tune import environment
+
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {environment.MEMORY_SCHEDULER_FLAG}")
+    plain = common.child_env(1, "plain")["XLA_FLAGS"].split()
+    ours = common.child_env(1, "keras_tune")["XLA_FLAGS"].split()
+    assert sorted(plain) == sorted([common.PLAIN_SCHEDULER_FLAG, "--xla_force_host_platform_device_count=1"])
+    assert ours == ["--xla_force_host_platform_device_count=1"]  # the child's `import keras_tune` adds it

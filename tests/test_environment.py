@@ -206,3 +206,52 @@ def test_freed_heap_is_released_after_every_compile_by_one_listener(monkeypatch)
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert len(compiles) >= 2 and len(calls) == len(compiles)  # once per compile, not twice
+
+
+def test_the_memory_optimized_cpu_schedule_is_added_once_and_a_users_choice_kept(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert environment.prefer_memory_optimized_cpu_schedule()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + environment.MEMORY_SCHEDULER_FLAG
+    assert not environment.prefer_memory_optimized_cpu_schedule()  # already there
+    assert os.environ["XLA_FLAGS"].count("xla_cpu_scheduler_type") == 1
+    own = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+    monkeypatch.setenv("XLA_FLAGS", own)
+    assert not environment.prefer_memory_optimized_cpu_schedule()
+    assert os.environ["XLA_FLAGS"] == own
+    # An unknown XLA flag aborts the process: a jaxlib before the flag gets none.
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(environment, "MEMORY_SCHEDULER_JAXLIB", (99, 0))
+    assert not environment.prefer_memory_optimized_cpu_schedule()
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_train_steps_compile_with_the_memory_optimized_schedule():
+    """`import keras_tune` (before JAX started) made XLA schedule for memory: an int8 base's step keeps fewer temporaries."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from keras_tune import config as config_lib
+    from keras_tune import losses
+    from keras_tune.models.loader import build_model
+
+    assert environment.MEMORY_SCHEDULER_FLAG in os.environ["XLA_FLAGS"]
+    config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "train.quantize": "int8"})
+    trainer = losses.SparseLossModel(build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 100, (2, 64)), jnp.int32)
+    x = {"token_ids": ids, "padding_mask": jnp.ones((2, 64), jnp.int32),
+         "loss_positions": jnp.tile(jnp.arange(64, dtype=jnp.int32), (2, 1)), "targets": ids}
+    non_trainable = [v.value for v in trainer.non_trainable_variables]
+
+    def loss(trainable):
+        return trainer.stateless_call(trainable, non_trainable, x, training=True)[0][..., 0].mean()
+
+    lowered = jax.jit(jax.value_and_grad(loss)).lower([v.value for v in trainer.trainable_variables])
+
+    def temporaries(**options):
+        return lowered.compile(compiler_options=options).memory_analysis().temp_size_in_bytes
+
+    ours, default = temporaries(), temporaries(xla_cpu_scheduler_type="CPU_SCHEDULER_TYPE_DEFAULT")
+    assert ours == temporaries(xla_cpu_scheduler_type="CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+    assert ours < default
