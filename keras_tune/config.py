@@ -156,7 +156,8 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # cross-entropy only at positions that carry loss, in chunks of
                 # `loss_chunk_tokens` tokens (0 = one chunk) and blocks of
                 # vocabulary rows holding about 1M float32 logits (4 MiB;
-                # `losses.LOGITS_PER_BLOCK`); "full" is keras-hub's plain path
+                # `losses.LOGITS_PER_BLOCK`; a float table whole while a chunk's
+                # logits are at most 32M); "full" is keras-hub's plain path
                 # (logits at every position). Every chunk reads the whole table
                 # three times (forward, recomputation, gradient), so fewer,
                 # larger chunks cost less time.
