@@ -8,7 +8,8 @@ state donated, as Keras jits it), on a model built abstractly under the plan's
 distribution and compiled as `keras_tune.fit.compile_model` compiles it, lowered
 with `jax.ShapeDtypeStruct`s: no weight is allocated, so the real Gemma 3 270M
 needs no download and no memory. XLA here is the CPU compiler on simulated
-devices; TPU and GPU compilers fuse differently (a fused attention kernel keeps
+devices, under its default schedule (keras_tune's own CPU runs ask for the
+memory-optimized one, which keeps less); TPU and GPU compilers fuse differently (a fused attention kernel keeps
 no `B H T T` scores), so on an accelerator the same script also reads
 `device.memory_stats()` peak after real steps when `--measure-peak` is given.
 
@@ -86,7 +87,7 @@ def _batch_specs(config, distribution):
     return x, spec("int32"), spec("float32")
 
 
-def compiled_memory(config, devices=None):
+def compiled_memory(config, devices=None, cpu_schedule="CPU_SCHEDULER_TYPE_DEFAULT"):
     """Per-device bytes XLA reports for the compiled train step `fit` would run for `config`.
 
     The model is built and compiled as `fit` does (`build_model`, then
@@ -94,9 +95,15 @@ def compiled_memory(config, devices=None):
     its train step is jitted as Keras jits it (state donated) and lowered with
     `jax.ShapeDtypeStruct`s of a batch, so no step runs.
 
+    On CPU the step is compiled under XLA's default schedule by default: the
+    planner models it (weight-only copies made up front, as a prefetching
+    accelerator schedule may); the memory-optimized schedule keras_tune's own
+    CPU runs ask for keeps less (`environment.prefer_memory_optimized_cpu_schedule`).
+
     Args:
         config: a validated run config.
         devices: devices for the mesh (default: all).
+        cpu_schedule: `xla_cpu_scheduler_type` for a CPU compile (None: the process's own).
 
     Returns:
         A dict: argument, output, alias, temp, peak (argument + output - alias
@@ -105,6 +112,7 @@ def compiled_memory(config, devices=None):
     import jax
     import keras
 
+    from keras_tune.environment import cpu_scheduler_flag_known
     from keras_tune.fit import compile_model
     from keras_tune.models.loader import build_model
 
@@ -121,7 +129,10 @@ def compiled_memory(config, devices=None):
                       for group in groups)
         started = time.perf_counter()
         step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(None, shardings))
-        analysis = step.lower(state, data).compile().memory_analysis()
+        options = {}
+        if cpu_schedule and jax.devices()[0].platform == "cpu" and cpu_scheduler_flag_known():
+            options["xla_cpu_scheduler_type"] = cpu_schedule
+        analysis = step.lower(state, data).compile(options).memory_analysis()
     finally:
         keras.distribution.set_distribution(None)
         keras.config.set_dtype_policy("float32")
