@@ -84,6 +84,7 @@ def compiled_memory(job):
 
     import keras_tune
     from keras_tune import losses
+    from keras_tune.environment import cpu_schedule_options
     from keras_tune.models.loader import build_model
 
     config = keras_tune.load_config(job["preset"], overrides={"distribution.mesh": "1x1", "lora.rank": 4})
@@ -110,7 +111,7 @@ def compiled_memory(job):
             return (per * weights).sum() / weights.sum()
 
         # The recipe's plan under XLA's default CPU schedule (keras_tune asks for the memory-optimized one).
-        options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"} if name == "plain" else {}
+        options = cpu_schedule_options("CPU_SCHEDULER_TYPE_DEFAULT" if name == "plain" else None)
         compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(trainable, {**x, **extra}, y, w).compile(options)
         stats = compiled.memory_analysis()
         total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes

@@ -112,7 +112,7 @@ def compiled_memory(config, devices=None, cpu_schedule="CPU_SCHEDULER_TYPE_DEFAU
     import jax
     import keras
 
-    from keras_tune.environment import cpu_scheduler_flag_known
+    from keras_tune.environment import cpu_schedule_options
     from keras_tune.fit import compile_model
     from keras_tune.models.loader import build_model
 
@@ -129,10 +129,7 @@ def compiled_memory(config, devices=None, cpu_schedule="CPU_SCHEDULER_TYPE_DEFAU
                       for group in groups)
         started = time.perf_counter()
         step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(None, shardings))
-        options = {}
-        if cpu_schedule and jax.devices()[0].platform == "cpu" and cpu_scheduler_flag_known():
-            options["xla_cpu_scheduler_type"] = cpu_schedule
-        analysis = step.lower(state, data).compile(options).memory_analysis()
+        analysis = step.lower(state, data).compile(cpu_schedule_options(cpu_schedule)).memory_analysis()
     finally:
         keras.distribution.set_distribution(None)
         keras.config.set_dtype_policy("float32")

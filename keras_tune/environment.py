@@ -256,6 +256,21 @@ def prefer_memory_optimized_cpu_schedule():
     return True
 
 
+def cpu_schedule_options(schedule):
+    """Compile options that pick XLA's CPU `schedule` (e.g. "CPU_SCHEDULER_TYPE_DEFAULT") for one compile.
+
+    Empty off CPU, or where the jaxlib does not know the option (it would refuse the compile).
+
+    Args:
+        schedule: an `xla_cpu_scheduler_type` value, or None for the process's own.
+    """
+    import jax
+
+    if not schedule or jax.devices()[0].platform != "cpu" or not cpu_scheduler_flag_known():
+        return {}
+    return {"xla_cpu_scheduler_type": schedule}
+
+
 def cpu_scheduler_flag_known():
     """Whether the installed jaxlib knows `--xla_cpu_scheduler_type` (an unknown XLA flag aborts the process)."""
     try:

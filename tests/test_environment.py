@@ -252,6 +252,7 @@ def test_train_steps_compile_with_the_memory_optimized_schedule():
     def temporaries(**options):
         return lowered.compile(compiler_options=options).memory_analysis().temp_size_in_bytes
 
-    ours, default = temporaries(), temporaries(xla_cpu_scheduler_type="CPU_SCHEDULER_TYPE_DEFAULT")
+    assert environment.cpu_schedule_options(None) == {}
+    ours, default = temporaries(), temporaries(**environment.cpu_schedule_options("CPU_SCHEDULER_TYPE_DEFAULT"))
     assert ours == temporaries(xla_cpu_scheduler_type="CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     assert ours < default

@@ -176,7 +176,8 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path,
     assert (out / "loss.png").exists()
 
 
-def test_the_train_step_compiles_once_across_epochs(tmp_path, caplog):
+@pytest.mark.parametrize("mesh, device_count", [("1x1", 1), ("2x4", 8)])
+def test_the_train_step_compiles_once_across_epochs(mesh, device_count, tmp_path, caplog):
     """A second compile of the step (14 s on the real 270M) comes from arguments that change sharding between
     steps: Keras leaves a one-device model's arrays uncommitted and resets metrics to fresh arrays each epoch."""
     import logging
@@ -188,13 +189,13 @@ def test_the_train_step_compiles_once_across_epochs(tmp_path, caplog):
         "gemma_tiny",
         overrides={
             "data.name": "text", "data.path": corpus, "train.steps": 4, "train.eval_every": 2,
-            "train.output_dir": str(tmp_path / "run"), "train.sample_prompts": (), "distribution.mesh": "1x1",
+            "train.output_dir": str(tmp_path / "run"), "train.sample_prompts": (), "distribution.mesh": mesh,
         },
     )
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):
-            fit.run(config, devices=jax.devices()[:1])  # one device: Keras leaves its arrays uncommitted
+            fit.run(config, devices=jax.devices()[:device_count])
     finally:
         jax.config.update("jax_log_compiles", False)
     compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
