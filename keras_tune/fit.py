@@ -39,6 +39,7 @@ stopped by SIGTERM after writing a checkpoint (rerun to continue).
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -297,8 +298,8 @@ def setup_data(config, tokenizer):
 
     data = make_datasets(config.data, tokenizer, seed=config.train.seed)
     print(data.report.summary())
-    if config.train.loss == "sparse":
-        data.map(with_loss_positions)  # train, validation and the training stream alike
+    if config.train.loss == "sparse":  # train, validation and the training stream alike
+        data.map(functools.partial(with_loss_positions, loss_fraction=data.report.loss_fraction))
     if config.train.steps:
         return data, config.train.steps
     if data.steps_per_epoch:

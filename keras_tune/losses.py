@@ -6,11 +6,13 @@ of 268M parameters, and its float32 logits take `vocabulary x 4` bytes a token
 them at every position, although translation and chat data carry loss on 15-50%
 of the positions. With `train.loss = "sparse"` (the default):
 
-1. the pipeline adds, per batch, the positions whose loss weight is non-zero
-   (`loss_positions`, `[batch, capacity]`; the capacity is one of a few fixed
-   fractions of the row, so XLA compiles a handful of shapes) and the targets;
-2. `SparseLossModel` runs the backbone, gathers the hidden states at those
-   positions, and computes the head and the cross-entropy there only, in chunks
+1. the pipeline adds, per batch, each row's positions with the non-zero loss
+   weights first (`loss_positions`), how many there are (`loss_counts`) and
+   the targets;
+2. `SparseLossModel` runs the backbone, gathers the hidden states at the
+   first `capacity` positions of every row (the smallest of a few fixed
+   fractions of the row that holds the fullest row: a `lax.switch` branch, so
+   one compiled step serves every capacity), and computes the head and the cross-entropy there only, in chunks
    of `train.loss_chunk_tokens` tokens and, within a chunk, blocks of
    vocabulary rows (`LOGITS_PER_BLOCK` logits) with an online log-sum-exp; the
    backward pass recomputes a block's logits instead of keeping them, so one
@@ -45,8 +47,8 @@ trainer.fit(with_loss_positions(bundle.train), ...)
 
 import keras
 
-# Loss positions a row may hold, as fractions of the row: each batch gets the
-# smallest that fits, so a run compiles at most this many shapes a bucket.
+# Loss positions a row may hold, as fractions of the row: each batch's head runs
+# at the smallest that fits (a branch of one compiled step, not a recompile).
 CAPACITY_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 
@@ -60,54 +62,58 @@ def capacities(length):
     return sorted(levels)
 
 
-def _capacity_tf(length, fraction):
-    """`capacities` for one fraction, in TF ops (bucketed batches have no static length)."""
-    import tensorflow as tf
+def add_loss_positions(x, y, sample_weight, several_capacities=True):
+    """A tf.data map: adds `loss_positions`, `loss_counts` and `targets` to a batch's inputs.
 
-    eighths = tf.cast(tf.math.ceil(tf.cast(length, tf.float32) * fraction / 8.0), tf.int32) * 8
-    return tf.minimum(length, tf.maximum(8, eighths))
-
-
-def add_loss_positions(x, y, sample_weight):
-    """A tf.data map: adds `loss_positions` and `targets` to a batch's inputs.
-
-    The positions whose weight is non-zero come first in each row, in order;
-    the rest of the capacity holds distinct zero-weight positions (harmless:
-    their weight is 0). The capacity is the smallest of `capacities(length)`
-    that holds the batch's fullest row.
+    `loss_positions` (`[batch, length]`) lists each row's positions whose
+    weight is non-zero first, in order, then its zero-weight positions;
+    `loss_counts` (`[batch]`) says how many carry loss. The model takes the
+    smallest of `capacities(length)` that holds the fullest row, inside one
+    compiled step.
 
     Args:
         x: `{"token_ids", "padding_mask"}` of `[batch, length]`.
         y: the targets, `[batch, length]`.
         sample_weight: the loss weights, `[batch, length]`.
+        several_capacities: False: no `loss_counts`, so the model computes the
+            head at every position of a row (one capacity: the row).
     """
     import tensorflow as tf
 
-    length = tf.shape(x["token_ids"])[1]
     carries = tf.cast(sample_weight > 0, tf.int32)
-    fullest = tf.reduce_max(tf.reduce_sum(carries, axis=1))
-    levels = tf.stack([_capacity_tf(length, f) for f in CAPACITY_FRACTIONS])
-    capacity = tf.reduce_min(tf.boolean_mask(levels, levels >= fullest))
-    order = tf.argsort(carries, axis=1, direction="DESCENDING", stable=True)
-    positions = tf.cast(order[:, :capacity], tf.int32)
-    return {**x, "loss_positions": positions, "targets": tf.cast(y, tf.int32)}, y, sample_weight
+    positions = tf.cast(tf.argsort(carries, axis=1, direction="DESCENDING", stable=True), tf.int32)
+    extra = {"loss_positions": positions, "targets": tf.cast(y, tf.int32)}
+    if several_capacities:
+        extra["loss_counts"] = tf.reduce_sum(carries, axis=1)
+    return {**x, **extra}, y, sample_weight
 
 
-def with_loss_positions(dataset):
+def with_loss_positions(dataset, loss_fraction=0.0):
     """The batches of `dataset` with `loss_positions` and `targets` for `SparseLossModel`.
 
     Args:
         dataset: a tf.data.Dataset of `(x, y, sample_weight)` batches.
+        loss_fraction: the share of positions that carry loss (the data
+            report's). Above the second-largest capacity (half a row), a
+            batch's fullest row needs the whole row nearly always, so the
+            model is given one capacity (no branch per capacity: a smaller
+            compiled step, ~150 MiB less to compile on the 270M).
     """
+    import functools
+
     import tensorflow as tf
 
-    return dataset.map(add_loss_positions, num_parallel_calls=tf.data.AUTOTUNE)
+    several = loss_fraction <= CAPACITY_FRACTIONS[-2]
+    return dataset.map(functools.partial(add_loss_positions, several_capacities=several),
+                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # Logits a block of the head holds: `[tokens, rows]` float32 (4 MiB), so a
 # chunk of 256 tokens takes the table 4,096 rows at a time and a small chunk
 # more rows (fewer, larger matmuls). An int8 table is converted to float one
-# block at a time (whole, it would be a float copy: 671 MB on the 270M).
+# block at a time (whole, it would be a float copy: 671 MB on the 270M), and
+# the converted block is held to the same size (1,024 rows on the 270M: a
+# 64-token chunk's 16,384-row block took 40 MiB of float32).
 LOGITS_PER_BLOCK = 1 << 20
 # Fewest rows a block: a huge chunk still multiplies by blocks worth a matmul.
 MIN_BLOCK_ROWS = 512
@@ -118,7 +124,7 @@ MIN_BLOCK_ROWS = 512
 WHOLE_TABLE_LOGITS = 1 << 25
 
 
-def vocabulary_block_rows(vocabulary, tokens, whole_when_small=False):
+def vocabulary_block_rows(vocabulary, tokens, whole_when_small=False, converted_width=0):
     """Rows a block of a `vocabulary`-row table for a chunk of `tokens` tokens.
 
     The largest divisor of the vocabulary up to `LOGITS_PER_BLOCK / tokens`
@@ -131,10 +137,15 @@ def vocabulary_block_rows(vocabulary, tokens, whole_when_small=False):
         whole_when_small: take the table whole when the chunk's logits are at
             most `WHOLE_TABLE_LOGITS` (a table used as it is stored; one that
             is converted, int8 for one, is converted a block at a time).
+        converted_width: the row width of a table whose blocks are converted
+            (int8 to float, or a cast): the converted block, `rows x width`,
+            is then held to `LOGITS_PER_BLOCK` elements as well (0: used as stored).
     """
     if whole_when_small and tokens * vocabulary <= WHOLE_TABLE_LOGITS:
         return vocabulary
     target = min(vocabulary, max(MIN_BLOCK_ROWS, LOGITS_PER_BLOCK // max(1, tokens)))
+    if converted_width:
+        target = min(target, max(MIN_BLOCK_ROWS, LOGITS_PER_BLOCK // converted_width))
     rows = next(r for r in range(target, 0, -1) if vocabulary % r == 0)
     return rows if rows >= target // 8 else vocabulary
 
@@ -170,7 +181,8 @@ class TiedHead:
         # Whole only when no block is converted (int8, or a cast to the compute or reverse dtype).
         stored = self.embedding.variable_dtype
         as_stored = not self.quantized and self.reverse_dtype in (None, stored) and self.embedding.compute_dtype == stored
-        return vocabulary_block_rows(self.embedding.input_dim, tokens, whole_when_small=as_stored)
+        width = 0 if as_stored else self.embedding.output_dim
+        return vocabulary_block_rows(self.embedding.input_dim, tokens, whole_when_small=as_stored, converted_width=width)
 
     def tables(self):
         """`(table, scale)` as the step sees them (scale is None for a float table)."""
@@ -349,20 +361,37 @@ class SparseLossModel(keras.Model):
         self.built = causal_lm.built  # every variable is the CausalLM's, already created
 
     def call(self, inputs, training=False):
+        import jax
         import jax.numpy as jnp
 
         backbone = self.causal_lm.backbone
         hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}, training=training)
         positions = inputs["loss_positions"]
-        batch, capacity = positions.shape
-        gathered = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
-        targets = jnp.take_along_axis(inputs["targets"], positions, axis=1)
         embedding = backbone.token_embedding
         head = TiedHead(embedding) if TiedHead.supports(embedding) else (lambda s: embedding(s, reverse=True))
-        nll, correct = head_nll(gathered.reshape(batch * capacity, -1), targets.reshape(-1), head, self.chunk_tokens)
-        values = jnp.stack([nll, correct], axis=-1).reshape(batch, capacity, 2)
-        rows = jnp.arange(batch)[:, None]
-        return jnp.zeros(hidden.shape[:2] + (2,), jnp.float32).at[rows, positions].set(values)
+        counts = inputs.get("loss_counts")
+        levels = capacities(positions.shape[1]) if counts is not None else [positions.shape[1]]
+
+        def at_capacity(capacity):
+            def head_at_positions(hidden, positions, all_targets):
+                kept = positions[:, :capacity]
+                batch = kept.shape[0]
+                gathered = jnp.take_along_axis(hidden, kept[:, :, None], axis=1)
+                targets = jnp.take_along_axis(all_targets, kept, axis=1)
+                nll, correct = head_nll(gathered.reshape(batch * capacity, -1), targets.reshape(-1), head, self.chunk_tokens)
+                values = jnp.stack([nll, correct], axis=-1).reshape(batch, capacity, 2)
+                rows = jnp.arange(batch)[:, None]
+                return jnp.zeros(hidden.shape[:2] + (2,), jnp.float32).at[rows, kept].set(values)
+
+            return head_at_positions
+
+        operands = (hidden, positions, inputs["targets"])
+        if len(levels) == 1:
+            return at_capacity(levels[0])(*operands)
+        # One compiled step for every capacity: the batch's fullest row picks a
+        # branch at run time (each compiled step of the 270M holds ~150 MiB).
+        level = jnp.sum(jnp.asarray(levels) < jnp.max(counts))
+        return jax.lax.switch(level, [at_capacity(c) for c in levels], *operands)
 
 
 @keras.saving.register_keras_serializable(package="keras_tune")

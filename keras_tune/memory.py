@@ -583,12 +583,16 @@ def logits_bytes(shapes, tokens, compute_bytes, loss="full", chunk_tokens=0, bat
     # The tied head takes the table a block of rows at a time (`losses.TiedHead`).
     # A float table used as stored (no int8 or mixed-precision cast) is taken whole for small chunks.
     as_stored = not quantize and not mixed_precision
-    vocab = shapes.vocab if quantize == "int4" else vocabulary_block_rows(shapes.vocab, chunk, as_stored)
+    if quantize == "int4":
+        vocab, converted = shapes.vocab, 0
+    else:  # a converted block (int8 to float, or a cast) is a buffer of its own
+        vocab = vocabulary_block_rows(shapes.vocab, chunk, as_stored, 0 if as_stored else shapes.hidden)
+        converted = 0 if as_stored else vocab * shapes.hidden * compute_bytes
     # One chunk's buffers at a time (a loop, recomputed in the backward pass);
     # the hand-written gradient needs no one-hot buffer. A table split over the
     # batch axis (fsdp) is gathered whole for the loop: a copy on every device.
     gathered = shapes.vocab * shapes.hidden * compute_bytes if shapes.head_on_batch_axis else 0
-    return rows * vocab * per_element + gathered
+    return rows * vocab * per_element + converted + gathered
 
 
 # ---------------------------------------------------------------------------

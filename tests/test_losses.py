@@ -23,13 +23,40 @@ def test_loss_positions_list_the_weighted_positions_first_in_order():
     x = {"token_ids": tf.constant(targets), "padding_mask": tf.ones([2, 8], tf.bool)}
     out, y, w = losses.add_loss_positions(x, tf.constant(targets), tf.constant(weight))
     positions = out["loss_positions"].numpy()
-    assert positions.shape == (2, 8)  # 3 positions carry loss; capacities of 8 are [8]
-    assert positions[0, :3].tolist() == [1, 2, 5] and positions[1, :1].tolist() == [4]
-    assert sorted(positions[0]) == list(range(8))  # distinct: the rest are zero-weight positions
-    wide = {"token_ids": tf.zeros([2, 128], tf.int32), "padding_mask": tf.ones([2, 128], tf.bool)}
-    few = np.zeros([2, 128], np.float32)
-    few[0, 100:120] = 1  # 20 positions: capacity 32
-    assert losses.add_loss_positions(wide, tf.zeros([2, 128], tf.int32), tf.constant(few))[0]["loss_positions"].shape == (2, 32)
+    assert positions.tolist() == [[1, 2, 5, 0, 3, 4, 6, 7], [4, 0, 1, 2, 3, 5, 6, 7]]  # loss first, then the rest
+    assert out["loss_counts"].numpy().tolist() == [3, 1]
+    assert out["targets"].numpy().tolist() == targets.tolist()
+    one = losses.add_loss_positions(x, tf.constant(targets), tf.constant(weight), several_capacities=False)[0]
+    assert "loss_counts" not in one and one["loss_positions"].numpy().tolist() == positions.tolist()
+
+
+def test_batches_of_any_fullness_have_the_same_shapes_so_the_step_compiles_once():
+    rows = np.zeros([3, 2, 128], np.float32)
+    rows[0, 0, 100:110] = 1  # 10 loss positions: capacity 16
+    rows[1, 1, 20:80] = 1  # 60: capacity 64
+    rows[2, :, :] = 1  # every position: 128
+    dataset = tf.data.Dataset.from_tensor_slices(
+        ({"token_ids": tf.zeros([3, 2, 128], tf.int32), "padding_mask": tf.ones([3, 2, 128], tf.bool)},
+         tf.zeros([3, 2, 128], tf.int32), rows))
+    mapped = losses.with_loss_positions(dataset, loss_fraction=0.15)
+    assert mapped.element_spec[0]["loss_positions"].shape.as_list() == [2, 128]
+    assert [b[0]["loss_counts"].numpy().max() for b in mapped] == [10, 60, 128]
+    # Loss on more than half the positions: every batch needs the whole row, one capacity.
+    assert "loss_counts" not in losses.with_loss_positions(dataset, loss_fraction=0.9).element_spec[0]
+
+
+def test_the_head_runs_at_the_smallest_capacity_that_holds_the_fullest_row():
+    """The branch is picked by `loss_counts`: positions past the capacity get no NLL (their weight is 0 in real batches)."""
+    config = config_lib.load_config("gemma_tiny", overrides={"distribution.mesh": "1x1"})
+    trainer = losses.SparseLossModel(build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm)
+    length = 24  # capacities 8, 16, 24
+    x = {"token_ids": np.full((2, length), 5, np.int32), "padding_mask": np.ones((2, length), bool),
+         "loss_positions": np.tile(np.arange(length, dtype=np.int32), (2, 1)), "targets": np.full((2, length), 7, np.int32)}
+    for counts, capacity in (([3, 1], 8), ([9, 2], 16), ([8, 8], 8), ([1, 17], 24)):
+        out = np.asarray(trainer({**x, "loss_counts": np.array(counts, np.int32)})[..., 0])
+        assert (out[:, :capacity] > 0).all() and (out[:, capacity:] == 0).all(), (counts, capacity)
+    without_counts = np.asarray(trainer({**x, "loss_positions": x["loss_positions"][:, :16]})[..., 0])
+    assert (without_counts[:, :16] > 0).all() and (without_counts[:, 16:] == 0).all()  # the positions' width
 
 
 def _batch(vocabulary, kind, seed=0, batch=4, length=24):
@@ -81,6 +108,10 @@ def test_block_rows_divide_the_vocabulary_and_grow_as_chunks_shrink():
     assert losses.vocabulary_block_rows(262144, 128, whole_when_small=True) == 262144
     assert losses.vocabulary_block_rows(262144, 129, whole_when_small=True) == 4096
     assert losses.vocabulary_block_rows(256000, 256, whole_when_small=True) == 4000
+    # A converted (int8) block is held to 1M floats as well: 1,024 rows of 640 (the 270M), 512 of 2,048.
+    assert losses.vocabulary_block_rows(262144, 64, converted_width=640) == 1024
+    assert losses.vocabulary_block_rows(262144, 1024, converted_width=640) == 1024
+    assert losses.vocabulary_block_rows(256000, 256, converted_width=2048) == 512
 
 
 def test_a_float_table_is_taken_whole_for_small_chunks_and_an_int8_one_in_blocks(monkeypatch):
@@ -116,7 +147,7 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monk
         sparse_x, _, _ = losses.add_loss_positions(
             {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight)
         )
-        assert sparse_x["loss_positions"].shape[1] < 24 or kind != "targets"
+        assert sparse_x["loss_counts"].numpy().max() <= 16 or kind != "targets"  # a smaller capacity than the row
         sparse_loss, sparse_grads = _loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
         np.testing.assert_allclose(sparse_loss, full_loss, rtol=1e-5)
         for full, sparse in zip(full_grads, sparse_grads):
