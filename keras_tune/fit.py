@@ -294,12 +294,13 @@ def setup_data(config, tokenizer):
         `(DataBundle, total optimizer steps)`.
     """
     from keras_tune.data import make_datasets
-    from keras_tune.losses import with_loss_positions
+    from keras_tune.losses import loss_positions_layout, with_loss_positions
 
     data = make_datasets(config.data, tokenizer, seed=config.train.seed)
     print(data.report.summary())
     if config.train.loss == "sparse":  # train, validation and the training stream alike
-        data.map(functools.partial(with_loss_positions, loss_fraction=data.report.loss_fraction))
+        layout = loss_positions_layout(data.report.loss_fraction, quantized=bool(config.train.quantize))
+        data.map(functools.partial(with_loss_positions, layout=layout))
     if config.train.steps:
         return data, config.train.steps
     if data.steps_per_epoch:

@@ -7,12 +7,12 @@ them at every position, although translation and chat data carry loss on 15-50%
 of the positions. With `train.loss = "sparse"` (the default):
 
 1. the pipeline adds, per batch, each row's positions with the non-zero loss
-   weights first (`loss_positions`), how many there are (`loss_counts`) and
-   the targets;
+   weights first (`loss_positions`) and the targets: `[batch, capacity]`,
+   the capacity one of a few fixed fractions of the row (a compiled step
+   each), or, with a quantized base, `[batch, length]` and the counts
+   (`loss_counts`), the capacity then picked inside one compiled step;
 2. `SparseLossModel` runs the backbone, gathers the hidden states at the
-   first `capacity` positions of every row (the smallest of a few fixed
-   fractions of the row that holds the fullest row: a `lax.switch` branch, so
-   one compiled step serves every capacity), and computes the head and the cross-entropy there only, in chunks
+   first `capacity` positions of every row, and computes the head and the cross-entropy there only, in chunks
    of `train.loss_chunk_tokens` tokens and, within a chunk, blocks of
    vocabulary rows (`LOGITS_PER_BLOCK` logits) with an online log-sum-exp; the
    backward pass recomputes a block's logits instead of keeping them, so one
@@ -62,50 +62,88 @@ def capacities(length):
     return sorted(levels)
 
 
-def add_loss_positions(x, y, sample_weight, several_capacities=True):
-    """A tf.data map: adds `loss_positions`, `loss_counts` and `targets` to a batch's inputs.
+def _capacity_tf(length, fraction):
+    """`capacities` for one fraction, in TF ops (bucketed batches have no static length)."""
+    import tensorflow as tf
 
-    `loss_positions` (`[batch, length]`) lists each row's positions whose
-    weight is non-zero first, in order, then its zero-weight positions;
-    `loss_counts` (`[batch]`) says how many carry loss. The model takes the
-    smallest of `capacities(length)` that holds the fullest row, inside one
-    compiled step.
+    eighths = tf.cast(tf.math.ceil(tf.cast(length, tf.float32) * fraction / 8.0), tf.int32) * 8
+    return tf.minimum(length, tf.maximum(8, eighths))
+
+
+# How a batch's loss positions reach the model (`add_loss_positions`).
+SHAPED, BRANCHED, WHOLE_ROW = "shaped", "branched", "whole_row"
+
+
+def add_loss_positions(x, y, sample_weight, layout=SHAPED):
+    """A tf.data map: adds `loss_positions` and `targets` (and, branched, `loss_counts`) to a batch's inputs.
+
+    Each row's positions whose weight is non-zero come first, in order, then
+    distinct zero-weight positions (harmless: their weight is 0). The head
+    runs at the smallest of `capacities(length)` that holds the batch's
+    fullest row; how it gets there is `layout`:
+
+    - "shaped": `loss_positions` is `[batch, capacity]`, so each capacity is a
+      compiled step of its own (up to four a length);
+    - "branched": `loss_positions` is `[batch, length]` and `loss_counts`
+      (`[batch]`) says how many carry loss; the model picks the capacity in a
+      `lax.switch`, one compiled step for all. JAX's cond keeps the head's
+      table as a residual output, a copy of it a step (671 MB in float32 on
+      the 270M, 168 MB in int8), so this pays where memory comes first;
+    - "whole_row": `loss_positions` is `[batch, length]` with no counts: the
+      head runs at every position (data with loss nearly everywhere).
 
     Args:
         x: `{"token_ids", "padding_mask"}` of `[batch, length]`.
         y: the targets, `[batch, length]`.
         sample_weight: the loss weights, `[batch, length]`.
-        several_capacities: False: no `loss_counts`, so the model computes the
-            head at every position of a row (one capacity: the row).
+        layout: "shaped", "branched" or "whole_row".
     """
     import tensorflow as tf
 
+    length = tf.shape(x["token_ids"])[1]
     carries = tf.cast(sample_weight > 0, tf.int32)
     positions = tf.cast(tf.argsort(carries, axis=1, direction="DESCENDING", stable=True), tf.int32)
-    extra = {"loss_positions": positions, "targets": tf.cast(y, tf.int32)}
-    if several_capacities:
+    extra = {"targets": tf.cast(y, tf.int32)}
+    if layout == SHAPED:
+        fullest = tf.reduce_max(tf.reduce_sum(carries, axis=1))
+        levels = tf.stack([_capacity_tf(length, f) for f in CAPACITY_FRACTIONS])
+        positions = positions[:, :tf.reduce_min(tf.boolean_mask(levels, levels >= fullest))]
+    elif layout == BRANCHED:
         extra["loss_counts"] = tf.reduce_sum(carries, axis=1)
-    return {**x, **extra}, y, sample_weight
+    return {**x, "loss_positions": positions, **extra}, y, sample_weight
 
 
-def with_loss_positions(dataset, loss_fraction=0.0):
+def loss_positions_layout(loss_fraction, quantized):
+    """The `add_loss_positions` layout for a run.
+
+    Args:
+        loss_fraction: the share of positions that carry loss (the data
+            report's). Above the second-largest capacity (half a row), a
+            batch's fullest row needs the whole row nearly always: "whole_row".
+        quantized: the base is quantized (memory first): "branched", one
+            compiled step instead of one a capacity (each holds ~150 MiB on the
+            270M; the int8 table's copy a step is 168 MB). Otherwise "shaped".
+    """
+    if loss_fraction > CAPACITY_FRACTIONS[-2]:
+        return WHOLE_ROW
+    return BRANCHED if quantized else SHAPED
+
+
+def with_loss_positions(dataset, layout=SHAPED):
     """The batches of `dataset` with `loss_positions` and `targets` for `SparseLossModel`.
 
     Args:
         dataset: a tf.data.Dataset of `(x, y, sample_weight)` batches.
-        loss_fraction: the share of positions that carry loss (the data
-            report's). Above the second-largest capacity (half a row), a
-            batch's fullest row needs the whole row nearly always, so the
-            model is given one capacity (no branch per capacity: a smaller
-            compiled step, ~150 MiB less to compile on the 270M).
+        layout: "shaped", "branched" or "whole_row" (`add_loss_positions`;
+            `loss_positions_layout` picks one for a run).
     """
     import functools
 
     import tensorflow as tf
 
-    several = loss_fraction <= CAPACITY_FRACTIONS[-2]
-    return dataset.map(functools.partial(add_loss_positions, several_capacities=several),
-                       num_parallel_calls=tf.data.AUTOTUNE)
+    if layout not in (SHAPED, BRANCHED, WHOLE_ROW):
+        raise ValueError(f"layout must be one of {SHAPED!r}, {BRANCHED!r}, {WHOLE_ROW!r}; got {layout!r}")
+    return dataset.map(functools.partial(add_loss_positions, layout=layout), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # Logits a block of the head holds: `[tokens, rows]` float32 (4 MiB), so a
@@ -388,8 +426,8 @@ class SparseLossModel(keras.Model):
         operands = (hidden, positions, inputs["targets"])
         if len(levels) == 1:
             return at_capacity(levels[0])(*operands)
-        # One compiled step for every capacity: the batch's fullest row picks a
-        # branch at run time (each compiled step of the 270M holds ~150 MiB).
+        # One compiled step for every capacity ("branched" batches): the batch's
+        # fullest row picks a branch at run time.
         level = jnp.sum(jnp.asarray(levels) < jnp.max(counts))
         return jax.lax.switch(level, [at_capacity(c) for c in levels], *operands)
 

@@ -23,14 +23,25 @@ def test_loss_positions_list_the_weighted_positions_first_in_order():
     x = {"token_ids": tf.constant(targets), "padding_mask": tf.ones([2, 8], tf.bool)}
     out, y, w = losses.add_loss_positions(x, tf.constant(targets), tf.constant(weight))
     positions = out["loss_positions"].numpy()
+    assert positions.shape == (2, 8)  # 3 positions carry loss; capacities of 8 are [8]
     assert positions.tolist() == [[1, 2, 5, 0, 3, 4, 6, 7], [4, 0, 1, 2, 3, 5, 6, 7]]  # loss first, then the rest
-    assert out["loss_counts"].numpy().tolist() == [3, 1]
-    assert out["targets"].numpy().tolist() == targets.tolist()
-    one = losses.add_loss_positions(x, tf.constant(targets), tf.constant(weight), several_capacities=False)[0]
-    assert "loss_counts" not in one and one["loss_positions"].numpy().tolist() == positions.tolist()
+    assert "loss_counts" not in out and out["targets"].numpy().tolist() == targets.tolist()
+    branched = losses.add_loss_positions(x, tf.constant(targets), tf.constant(weight), layout=losses.BRANCHED)[0]
+    assert branched["loss_positions"].numpy().tolist() == positions.tolist()
+    assert branched["loss_counts"].numpy().tolist() == [3, 1]
+    wide = {"token_ids": tf.zeros([2, 128], tf.int32), "padding_mask": tf.ones([2, 128], tf.bool)}
+    few = np.zeros([2, 128], np.float32)
+    few[0, 100:120] = 1  # 20 positions: capacity 32
+    shaped = losses.add_loss_positions(wide, tf.zeros([2, 128], tf.int32), tf.constant(few))[0]
+    assert shaped["loss_positions"].shape == (2, 32)
+    for layout in (losses.BRANCHED, losses.WHOLE_ROW):
+        out = losses.add_loss_positions(wide, tf.zeros([2, 128], tf.int32), tf.constant(few), layout=layout)[0]
+        assert out["loss_positions"].shape == (2, 128)
+        assert out["loss_positions"].numpy()[0, :20].tolist() == list(range(100, 120))
+        assert ("loss_counts" in out) == (layout == losses.BRANCHED)
 
 
-def test_batches_of_any_fullness_have_the_same_shapes_so_the_step_compiles_once():
+def test_branched_batches_of_any_fullness_have_one_shape_so_the_step_compiles_once():
     rows = np.zeros([3, 2, 128], np.float32)
     rows[0, 0, 100:110] = 1  # 10 loss positions: capacity 16
     rows[1, 1, 20:80] = 1  # 60: capacity 64
@@ -38,11 +49,22 @@ def test_batches_of_any_fullness_have_the_same_shapes_so_the_step_compiles_once(
     dataset = tf.data.Dataset.from_tensor_slices(
         ({"token_ids": tf.zeros([3, 2, 128], tf.int32), "padding_mask": tf.ones([3, 2, 128], tf.bool)},
          tf.zeros([3, 2, 128], tf.int32), rows))
-    mapped = losses.with_loss_positions(dataset, loss_fraction=0.15)
-    assert mapped.element_spec[0]["loss_positions"].shape.as_list() == [2, 128]
-    assert [b[0]["loss_counts"].numpy().max() for b in mapped] == [10, 60, 128]
-    # Loss on more than half the positions: every batch needs the whole row, one capacity.
-    assert "loss_counts" not in losses.with_loss_positions(dataset, loss_fraction=0.9).element_spec[0]
+    branched = losses.with_loss_positions(dataset, losses.BRANCHED)
+    assert branched.element_spec[0]["loss_positions"].shape.as_list() == [2, 128]
+    assert [b[0]["loss_counts"].numpy().max() for b in branched] == [10, 60, 128]
+    shaped = losses.with_loss_positions(dataset, losses.SHAPED)
+    assert [b[0]["loss_positions"].shape[1] for b in shaped] == [16, 64, 128]  # a compiled step each
+    with pytest.raises(ValueError, match="layout must be one of"):
+        losses.with_loss_positions(dataset, "ragged")
+
+
+def test_a_run_picks_the_loss_positions_layout_from_its_data_and_base():
+    assert losses.loss_positions_layout(0.15, quantized=False) == losses.SHAPED
+    assert losses.loss_positions_layout(0.15, quantized=True) == losses.BRANCHED
+    assert losses.loss_positions_layout(0.5, quantized=True) == losses.BRANCHED
+    # Loss on more than half the positions: every batch needs the whole row.
+    assert losses.loss_positions_layout(0.9, quantized=False) == losses.WHOLE_ROW
+    assert losses.loss_positions_layout(0.9, quantized=True) == losses.WHOLE_ROW
 
 
 def test_the_head_runs_at_the_smallest_capacity_that_holds_the_fullest_row():
@@ -147,7 +169,7 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monk
         sparse_x, _, _ = losses.add_loss_positions(
             {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight)
         )
-        assert sparse_x["loss_counts"].numpy().max() <= 16 or kind != "targets"  # a smaller capacity than the row
+        assert sparse_x["loss_positions"].shape[1] < 24 or kind != "targets"
         sparse_loss, sparse_grads = _loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
         np.testing.assert_allclose(sparse_loss, full_loss, rtol=1e-5)
         for full, sparse in zip(full_grads, sparse_grads):
@@ -155,13 +177,13 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monk
             np.testing.assert_allclose(sparse, full, rtol=1e-5, atol=1e-5 * scale)
 
 
-def _compare_sparse_and_full(causal_lm, chunk_tokens=16, kinds=("targets", "key_tokens", "all")):
+def _compare_sparse_and_full(causal_lm, chunk_tokens=16, kinds=("targets", "key_tokens", "all"), layout=losses.SHAPED):
     trainer = losses.SparseLossModel(causal_lm, chunk_tokens=chunk_tokens)
     for kind in kinds:
         x, y, weight = _batch(causal_lm.backbone.vocabulary_size, kind)
         full_loss, full_grads = _loss_and_grads(causal_lm, x, y, weight)
         sparse_x, _, _ = losses.add_loss_positions(
-            {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight)
+            {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight), layout=layout
         )
         sparse_loss, sparse_grads = _loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
         np.testing.assert_allclose(sparse_loss, full_loss, rtol=1e-5, err_msg=kind)
@@ -184,17 +206,24 @@ def test_a_whole_float_table_gives_the_full_paths_loss_and_gradients():
 
 @pytest.mark.parametrize("preset", ["gemma2_tiny", "gemma3_tiny"])
 def test_full_fine_tuning_gets_the_same_embedding_gradient(preset, monkeypatch):
-    """lora.rank 0: the tied table trains, through the head's hand-written gradient too (block by block)."""
+    """lora.rank 0: the tied table trains, through the head's hand-written gradient too (block by block).
+
+    Gemma 3 takes its batches branched (the capacity picked in a `lax.switch`): the table's gradient comes out of it.
+    """
     _small_blocks(monkeypatch)
     config = config_lib.load_config(preset, overrides={"distribution.mesh": "1x1", "lora.rank": 0})
     causal_lm = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
     embedding = causal_lm.backbone.token_embedding.embeddings
     assert any(v is embedding for v in causal_lm.trainable_variables)
-    _compare_sparse_and_full(causal_lm, kinds=("targets", "all"))
+    layout = losses.BRANCHED if preset == "gemma3_tiny" else losses.SHAPED
+    _compare_sparse_and_full(causal_lm, kinds=("targets", "all"), layout=layout)
 
 
 def test_an_int8_table_in_vocabulary_blocks_equals_keras_int8_head(monkeypatch):
-    """--quantize int8: the sparse head's online log-sum-exp over blocks of rows equals keras' int8 logits."""
+    """--quantize int8: the sparse head's online log-sum-exp over blocks of rows equals keras' int8 logits.
+
+    Batches come branched, as a quantized run's do (one compiled step, the capacity picked in a `lax.switch`).
+    """
     _small_blocks(monkeypatch)
     config = config_lib.load_config("gemma2_tiny", overrides={
         "distribution.mesh": "1x1", "train.quantize": "int8", "lora.targets": "query,value,ffw_linear",
@@ -205,7 +234,7 @@ def test_an_int8_table_in_vocabulary_blocks_equals_keras_int8_head(monkeypatch):
     rng = np.random.default_rng(4)
     for variable in causal_lm.trainable_variables:
         variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
-    _compare_sparse_and_full(causal_lm, chunk_tokens=16)
+    _compare_sparse_and_full(causal_lm, chunk_tokens=16, layout=losses.BRANCHED)
 
 
 @pytest.mark.slow

@@ -86,20 +86,14 @@ def one_process(corpus, tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_after_both_are_killed(corpus, one_process, tmp_path):
-    out = tmp_path / "two"
-    codes = _wait(_start(_flags(corpus, out), tmp_path, _free_port()))
-    logs = "\n".join((tmp_path / f"run-{i}.log").read_text()[-1500:] for i in range(2))
-    assert codes == [0, 0], logs
-    single, double = read_rows(str(one_process / "metrics.csv")), read_rows(str(out / "metrics.csv"))
-    assert [r["step"] for r in double] == [r["step"] for r in single] == list(range(STEPS + 1))
-    np.testing.assert_allclose([r["loss"] for r in double[1:]], [r["loss"] for r in single[1:]], rtol=1e-5)
-    np.testing.assert_allclose([r["val_loss"] for r in double if r["val_loss"] is not None],
-                               [r["val_loss"] for r in single if r["val_loss"] is not None], rtol=1e-5)
-    assert _max_diff(_adapter(out / "adapter.npz"), _adapter(one_process / "adapter.npz")) <= 1e-5
+    """Both processes are killed (-9) once the first checkpoint is written; the rerun resumes from it.
 
+    The killed-and-resumed pair logs every step's loss and validation loss as
+    the single process does, and ends with its adapter: the steps before the
+    kill and after the resume are both two-process training.
+    """
     killed = tmp_path / "killed"
-    port = _free_port()
-    processes = _start(_flags(corpus, killed), tmp_path, port, tag="killed")
+    processes = _start(_flags(corpus, killed), tmp_path, _free_port(), tag="killed")
     first = killed / "checkpoints" / "4"
     deadline = time.time() + LIMIT_S
     try:
@@ -107,11 +101,18 @@ def test_two_processes_train_like_one_and_resume_after_both_are_killed(corpus, o
             time.sleep(0.05)
     finally:
         _stop(processes)  # kill -9 both
-    assert first.is_dir(), (tmp_path / "killed-0.log").read_text()[-2000:]
-    assert not (killed / "adapter.npz").exists()
+    logs = "\n".join((tmp_path / f"killed-{i}.log").read_text()[-1500:] for i in range(2))
+    assert first.is_dir(), logs
+    assert not (killed / "adapter.npz").exists(), "the run finished before it was killed"
     codes = _wait(_start(_flags(corpus, killed), tmp_path, _free_port(), tag="resumed"))
-    assert codes == [0, 0], (tmp_path / "resumed-0.log").read_text()[-2000:]
+    logs = "\n".join((tmp_path / f"resumed-{i}.log").read_text()[-1500:] for i in range(2))
+    assert codes == [0, 0], logs
     assert "resuming from" in (tmp_path / "resumed-0.log").read_text()
+    single, double = read_rows(str(one_process / "metrics.csv")), read_rows(str(killed / "metrics.csv"))
+    assert [r["step"] for r in double] == [r["step"] for r in single] == list(range(STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in double[1:]], [r["loss"] for r in single[1:]], rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in double if r["val_loss"] is not None],
+                               [r["val_loss"] for r in single if r["val_loss"] is not None], rtol=1e-5)
     assert _max_diff(_adapter(killed / "adapter.npz"), _adapter(one_process / "adapter.npz")) <= 1e-5
 
 
