@@ -56,6 +56,9 @@ def test_branched_batches_of_any_fullness_have_one_shape_so_the_step_compiles_on
     assert [b[0]["loss_positions"].shape[1] for b in shaped] == [16, 64, 128]  # a compiled step each
     with pytest.raises(ValueError, match="layout must be one of"):
         losses.with_loss_positions(dataset, "ragged")
+    with pytest.raises(ValueError, match="layout must be one of"):  # the map itself refuses it too
+        losses.add_loss_positions({"token_ids": tf.zeros([2, 8], tf.int32)}, tf.zeros([2, 8], tf.int32),
+                                  tf.ones([2, 8]), layout="ragged")
 
 
 def test_a_run_picks_the_loss_positions_layout_from_its_data_and_base():
