@@ -158,9 +158,10 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # vocabulary rows holding about 1M float32 logits (4 MiB;
                 # `losses.LOGITS_PER_BLOCK`; a float table whole while a chunk's
                 # logits are at most 32M); "full" is keras-hub's plain path
-                # (logits at every position). Every chunk reads the whole table
-                # three times (forward, recomputation, gradient), so fewer,
-                # larger chunks cost less time.
+                # (logits at every position). Every chunk reads the whole table:
+                # once when it is frozen (LoRA: the states' gradient is made in
+                # the forward sweep), three times when it trains (forward,
+                # recomputation, gradient); fewer, larger chunks cost less time.
                 "loss": "sparse",
                 "loss_chunk_tokens": 1024,
                 # Frozen base weights stored as "int8" or "int4" (QLoRA-style);

@@ -214,6 +214,10 @@ class TiedHead:
         self.quantized = embedding.quantization_mode == "int8"
         self.soft_cap = getattr(embedding, "logit_soft_cap", None)
         self.reverse_dtype = getattr(embedding, "reverse_dtype", None)
+        # LoRA freezes the table (an int8 one never trains): the loss then needs
+        # only the states' gradient, made in the forward sweep (`_table_nll`).
+        # The table trains in full fine-tuning, or with LoRA factors of its own.
+        self.table_gradient = not self.quantized and bool(embedding.trainable_variables)
 
     @staticmethod
     def supports(embedding):
@@ -262,19 +266,34 @@ def _nll_from_logits(logits, ids):
     return nll, (jnp.argmax(logits, axis=-1) == ids).astype(jnp.float32)
 
 
-def _table_nll(head, rows):
+def _table_nll(head, rows, table_gradient=True):
     """`(states, table, scale, ids) -> (nll, correct)` over the table in blocks of `rows` rows, with its own gradient.
 
     Forward: an online log-sum-exp, the target's logit and the running argmax
     across blocks, so one block of `[tokens, rows]` logits exists at a time.
-    Backward: each block's logits are recomputed (`jax.vjp` of `head.logits`,
-    so the soft-cap, casts and int8 scales are differentiated as keras-hub
-    computes them) and `softmax - one_hot` is pulled back through them; the
-    states' gradient is summed over blocks. Autodiff of the same forward would
-    keep four or five `[tokens, vocabulary]` buffers (logits, exponentials,
-    softmax, a one-hot, their difference); here the backward pass holds two of
-    one block. The FLOPs are the unblocked head's: one matmul forward, and the
-    recomputation and the pull-back backward.
+    Autodiff of the same forward would keep four or five `[tokens, vocabulary]`
+    buffers (logits, exponentials, softmax, a one-hot, their difference).
+
+    With `table_gradient` (the table trains: full fine-tuning, LoRA on the
+    embedding) the backward pass recomputes each block's logits (`jax.vjp` of
+    `head.logits`, so the soft-cap, casts and int8 scales are differentiated as
+    keras-hub computes them) and pulls `softmax - one_hot` back through them
+    into the states and the table: three head matmuls a step.
+
+    Without it (a frozen or int8 table: LoRA) only the states need a gradient,
+    `sum_v softmax_v * dlogit_v/dstates - dlogit_target/dstates`, and the
+    forward pass makes it in the same sweep: each block's exponentials, relative
+    to the running maximum, are pulled back into an accumulator that is
+    rescaled whenever the maximum grows (as flash attention rescales its
+    output), and the target's term comes from its own gathered rows. The
+    residual is that `[tokens, hidden]` gradient; the backward pass only scales
+    it by the upstream cotangent. Two head matmuls a step, the plain path's
+    count, and the table is read (an int8 block converted) once instead of twice.
+
+    Args:
+        head: a `TiedHead`.
+        rows: vocabulary rows a block (`TiedHead.block_rows`).
+        table_gradient: whether the table's gradient is needed.
     """
     import jax
     import jax.numpy as jnp
@@ -284,43 +303,66 @@ def _table_nll(head, rows):
         blocked_scale = None if scale is None else scale.reshape(-1, rows)
         return blocked_table, blocked_scale, jnp.arange(blocked_table.shape[0])
 
-    def forward_stats(states, table, scale, ids):
+    def sweep(states, table, scale, ids, with_gradient):
+        """One pass over the blocks: `(nll, correct, log_total, d_states per unit of nll or None)`."""
+
         def one_block(carry, block):
-            peak, total, picked, best, best_id = carry
+            peak, total, picked, best, best_id, accumulated = carry
             block_table, block_scale, index = block
             # Tied to the carry, a block's conversion (int8 or reverse_dtype) stays in
             # the loop: XLA would otherwise hoist it and convert the whole table at once.
             block_table, peak = jax.lax.optimization_barrier((block_table, peak))
-            logits = head.logits(states, block_table, block_scale)
+            if with_gradient:
+                logits, pull_back = jax.vjp(lambda s: head.logits(s, block_table, block_scale), states)
+            else:
+                logits = head.logits(states, block_table, block_scale)
             block_best = logits.max(axis=-1)
             block_peak = jnp.maximum(peak, block_best)
-            total = total * jnp.exp(peak - block_peak) + jnp.exp(logits - block_peak[:, None]).sum(axis=-1)
+            rescale = jnp.exp(peak - block_peak)
+            exponentials = jnp.exp(logits - block_peak[:, None])
+            total = total * rescale + exponentials.sum(axis=-1)
+            if with_gradient:
+                (pulled,) = pull_back(exponentials)
+                accumulated = accumulated * rescale[:, None] + pulled.astype(jnp.float32)
             local = ids - index * rows
             inside = (local >= 0) & (local < rows)
             target = jnp.take_along_axis(logits, jnp.clip(local, 0, rows - 1)[:, None], axis=-1)[:, 0]
             better = block_best > best  # strict: the first maximum wins, as in argmax
             best_id = jnp.where(better, jnp.argmax(logits, axis=-1) + index * rows, best_id)
-            return (block_peak, total, jnp.where(inside, target, picked), jnp.maximum(best, block_best), best_id), None
+            carry = (block_peak, total, jnp.where(inside, target, picked), jnp.maximum(best, block_best), best_id,
+                     accumulated)
+            return carry, None
 
         count = states.shape[0]
         start = (jnp.full((count,), -jnp.inf), jnp.zeros((count,)), jnp.zeros((count,)),
-                 jnp.full((count,), -jnp.inf), jnp.zeros((count,), jnp.int32))
-        (peak, total, picked, _, best_id), _ = jax.lax.scan(one_block, start, blocks_of(table, scale))
+                 jnp.full((count,), -jnp.inf), jnp.zeros((count,), jnp.int32),
+                 jnp.zeros(states.shape, jnp.float32) if with_gradient else None)
+        (peak, total, picked, _, best_id, accumulated), _ = jax.lax.scan(one_block, start, blocks_of(table, scale))
         log_total = peak + jnp.log(total)
-        return log_total - picked, (best_id == ids).astype(jnp.float32), log_total
+        d_states = None
+        if with_gradient:
+            d_states = accumulated / total[:, None] - _target_logit_gradient(head, states, table, scale, ids)
+        return log_total - picked, (best_id == ids).astype(jnp.float32), log_total, d_states
 
     @jax.custom_vjp
     def nll_and_correct(states, table, scale, ids):
-        nll, correct, _ = forward_stats(states, table, scale, ids)
+        nll, correct, _, _ = sweep(states, table, scale, ids, with_gradient=False)
         return nll, correct
 
     def forward(states, table, scale, ids):
-        nll, correct, log_total = forward_stats(states, table, scale, ids)
+        if not table_gradient:
+            nll, correct, _, d_states = sweep(states, table, scale, ids, with_gradient=True)
+            # A 0-d array carries the states' dtype into the backward pass.
+            return (nll, correct), (d_states, jnp.zeros((), states.dtype), None, None, None)
+        nll, correct, log_total, _ = sweep(states, table, scale, ids, with_gradient=False)
         return (nll, correct), (states, table, scale, ids, log_total)
 
     def backward(residuals, cotangents):
-        states, table, scale, ids, log_total = residuals
         upstream = cotangents[0][:, None]
+        if not table_gradient:
+            d_states, dtype_of_states = residuals[:2]
+            return (d_states * upstream).astype(dtype_of_states.dtype), None, None, None
+        states, table, scale, ids, log_total = residuals
         float_table = jnp.issubdtype(table.dtype, jnp.floating)
 
         def one_block(d_states, block):
@@ -340,6 +382,23 @@ def _table_nll(head, rows):
 
     nll_and_correct.defvjp(forward, backward)
     return nll_and_correct
+
+
+def _target_logit_gradient(head, states, table, scale, ids):
+    """float32 `d logit(ids) / d states`, `[tokens, hidden]`: each token against its own target row only."""
+    import jax
+    import jax.numpy as jnp
+
+    target_rows = jnp.take(table, ids, axis=0)
+    target_scales = None if scale is None else jnp.take(scale, ids, axis=0)
+
+    def target_logit(state, row, row_scale):
+        row_scale = None if row_scale is None else row_scale[None]
+        return head.logits(state[None], row[None], row_scale)[0, 0]
+
+    return jax.vmap(jax.grad(target_logit), in_axes=(0, 0, None if scale is None else 0))(
+        states, target_rows, target_scales
+    ).astype(jnp.float32)
 
 
 def head_nll(hidden, targets, head, chunk_tokens=0):
@@ -371,7 +430,7 @@ def head_nll(hidden, targets, head, chunk_tokens=0):
     def one_chunk(inputs):
         states, ids = inputs
         if isinstance(head, TiedHead):
-            nll, correct = _table_nll(head, rows)(states, table, scale, ids)
+            nll, correct = _table_nll(head, rows, head.table_gradient)(states, table, scale, ids)
         else:
             nll, correct = _nll_from_logits(head(states).astype(jnp.float32), ids)
         return nll, jax.lax.stop_gradient(correct)

@@ -222,6 +222,39 @@ def test_full_fine_tuning_gets_the_same_embedding_gradient(preset, monkeypatch):
     _compare_sparse_and_full(causal_lm, kinds=("targets", "all"), layout=layout)
 
 
+def _table_block_matmuls(jaxpr, block_shape):
+    """dot_generals in `jaxpr` (and the jaxprs inside it) with a `block_shape` operand or result."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        shapes = [tuple(v.aval.shape) for v in list(eqn.invars) + list(eqn.outvars) if hasattr(v.aval, "shape")]
+        if eqn.primitive.name == "dot_general" and block_shape in shapes:
+            count += 1
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    count += _table_block_matmuls(inner, block_shape)
+    return count
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_a_frozen_table_takes_two_head_matmuls_a_block_and_a_trained_one_four(rank, monkeypatch):
+    """LoRA (the table frozen): the states' gradient is made in the forward sweep, as the plain path's two
+    matmuls; full fine-tuning recomputes each block's logits in the backward pass and also pulls back into the table."""
+    _small_blocks(monkeypatch)
+    config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "lora.rank": rank})
+    embedding = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm.backbone.token_embedding
+    head = losses.TiedHead(embedding)
+    assert head.table_gradient == (rank == 0)
+    tokens, width = 16, embedding.output_dim
+    rows = head.block_rows(tokens)
+    assert rows not in (tokens, embedding.input_dim)  # blocks, and told apart from the token axis
+    hidden = np.random.default_rng(0).normal(size=(tokens, width)).astype("float32")
+    targets = np.arange(tokens, dtype="int32") * 7
+    jaxpr = jax.make_jaxpr(jax.grad(lambda h: losses.head_nll(h, targets, head, chunk_tokens=tokens)[0].sum()))(hidden)
+    assert _table_block_matmuls(jaxpr.jaxpr, (rows, width)) == (2 if rank else 4)
+
+
 def test_an_int8_table_in_vocabulary_blocks_equals_keras_int8_head(monkeypatch):
     """--quantize int8: the sparse head's online log-sum-exp over blocks of rows equals keras' int8 logits.
 
