@@ -51,6 +51,7 @@ BATCHINGS = ("auto", "pack", "bucket", "pad")
 PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16")
 LOSSES = ("sparse", "full")
 QUANTIZATIONS = ("", "int8", "int4")
+KEPT_ACTIVATIONS = ("matmuls", "all")
 _MESH_PATTERN = re.compile(r"^(auto|\d+x\d+)$")
 
 
@@ -169,6 +170,13 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 "quantize": "",
                 # Recompute each decoder block's activations in the backward pass.
                 "remat": False,
+                # What a Gemma decoder block keeps for the backward pass when
+                # `remat` is off: "matmuls" keeps its weight matmuls' outputs
+                # and recomputes the rest (norms, GELU, attention scores and
+                # softmax) from them: the same numbers, a third less kept
+                # (`loader.keep_matmul_outputs_only`); "all" keeps whatever
+                # autodiff keeps.
+                "keep_activations": "matmuls",
                 # Memory of one device for the planner, e.g. "16GiB" ("" = from
                 # the device table or the device itself).
                 "device_memory": "",
@@ -375,6 +383,8 @@ def _validate_training(lora, opt, data, train):
     )
     _check(train.loss in LOSSES, f"train.loss '{train.loss}'; expected one of {LOSSES}")
     _check(train.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens {train.loss_chunk_tokens}: expected >= 0 (0 = one chunk)")
+    _check(train.keep_activations in KEPT_ACTIVATIONS,
+           f"train.keep_activations '{train.keep_activations}'; expected one of {KEPT_ACTIVATIONS}")
     _check(train.quantize in QUANTIZATIONS, f"--quantize '{train.quantize}'; expected int8, int4 or nothing")
     _check(
         train.quantize == "" or lora.rank > 0,

@@ -34,6 +34,11 @@ What is counted, per device (each tensor divided by its placement's shards):
   fallback for heads that do not divide the axis) or a kernel's output: XLA
   then keeps them split. With `train.remat` a block keeps only its input, plus
   one block recomputed during its backward pass; both figures are reported.
+  `train.keep_activations=matmuls` (the default) is counted as this table: an
+  upper bound, as the blocks then keep only their matmul outputs and recompute
+  the rest, but how much that saves depends on where XLA schedules the
+  recomputation (the 270M int8 step on CPU: 294 -> 197 MiB of temporaries;
+  gemma3_tiny at 256 tokens, a few blocks of mostly attention scores: 2%).
 - **RecurrentGemma** (Griffin): its local-attention blocks are counted as
   above (one key/value head; the code masks a full T x T score matrix to the
   2,048-token window, so the scores are T x T whatever the window), its

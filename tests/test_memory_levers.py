@@ -28,7 +28,8 @@ def test_remat_gives_the_same_gradients_and_keeps_less_for_the_backward_pass():
     results = {}
     for remat in (False, True):
         config = config_lib.load_config("gemma_tiny", overrides={
-            "train.remat": remat, "distribution.mesh": "1x1", "lora.targets": "query,value,ffw_linear"})
+            "train.remat": remat, "train.keep_activations": "all", "distribution.mesh": "1x1",
+            "lora.targets": "query,value,ffw_linear"})
         model = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
         rng = np.random.default_rng(0)
         for variable in model.trainable_variables:
@@ -41,6 +42,40 @@ def test_remat_gives_the_same_gradients_and_keeps_less_for_the_backward_pass():
     for a, b in zip(grads, remat_grads):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     assert remat_bytes < plain_bytes, (remat_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("preset", ["gemma_tiny", "gemma3_tiny"])
+def test_keeping_only_matmul_outputs_gives_the_same_gradients_and_keeps_less(preset):
+    """The default `train.keep_activations=matmuls` recomputes a block's elementwise ops and attention core."""
+    results = {}
+    for keep in ("all", "matmuls"):
+        config = config_lib.load_config(preset, overrides={
+            "train.keep_activations": keep, "distribution.mesh": "1x1", "lora.targets": "query,value,ffw_linear"})
+        model = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
+        wrapped = [getattr(block.call, "keras_tune_selective_remat", False) for block in model.backbone.transformer_layers]
+        assert wrapped == [keep == "matmuls"] * len(wrapped)
+        rng = np.random.default_rng(0)
+        for variable in model.trainable_variables:
+            variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
+        x, y, weight = _batch(model.backbone.vocabulary_size, "all", batch=2, length=256)
+        loss, grads = _loss_and_grads(model, x, y, weight)
+        results[keep] = (loss, grads, _compiled_temp_bytes(model, x, y, weight))
+    (loss, grads, all_bytes), (kept_loss, kept_grads, kept_bytes) = results["all"], results["matmuls"]
+    np.testing.assert_allclose(kept_loss, loss, rtol=1e-6)
+    for a, b in zip(grads, kept_grads):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert kept_bytes < 0.9 * all_bytes, (kept_bytes, all_bytes)
+
+
+def test_keep_only_matmul_outputs_wraps_each_block_once():
+    from keras_tune.models.loader import keep_matmul_outputs_only
+
+    config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1"})
+    backbone = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm.backbone
+    assert keep_matmul_outputs_only(backbone) == 0  # build_model already did (the default)
+    remat = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "train.remat": True})
+    backbone = build_model(remat, lora=True, devices=jax.devices()[:1]).causal_lm.backbone
+    assert keep_matmul_outputs_only(backbone) == len(backbone.transformer_layers)  # whole-block remat had none
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
