@@ -171,12 +171,12 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # Recompute each decoder block's activations in the backward pass.
                 "remat": False,
                 # What a Gemma decoder block keeps for the backward pass when
-                # `remat` is off: "matmuls" keeps its weight matmuls' outputs
-                # and recomputes the rest (norms, GELU, attention scores and
-                # softmax) from them: the same numbers, a third less kept
-                # (`loader.keep_matmul_outputs_only`); "all" keeps whatever
-                # autodiff keeps.
-                "keep_activations": "matmuls",
+                # `remat` is off: "all" keeps whatever autodiff keeps;
+                # "matmuls" keeps its weight matmuls' outputs and recomputes
+                # the rest (norms, GELU, attention scores and softmax) from
+                # them: the same numbers, a third less kept, but on CPU a
+                # slower step and a larger compile (`loader.keep_matmul_outputs_only`).
+                "keep_activations": "all",
                 # Memory of one device for the planner, e.g. "16GiB" ("" = from
                 # the device table or the device itself).
                 "device_memory": "",

@@ -34,7 +34,7 @@ What is counted, per device (each tensor divided by its placement's shards):
   fallback for heads that do not divide the axis) or a kernel's output: XLA
   then keeps them split. With `train.remat` a block keeps only its input, plus
   one block recomputed during its backward pass; both figures are reported.
-  `train.keep_activations=matmuls` (the default) is counted as this table: an
+  `train.keep_activations=matmuls` is counted as this table too: an
   upper bound, as the blocks then keep only their matmul outputs and recompute
   the rest, but how much that saves depends on where XLA schedules the
   recomputation (the 270M int8 step on CPU: 294 -> 197 MiB of temporaries;

@@ -46,7 +46,7 @@ def test_remat_gives_the_same_gradients_and_keeps_less_for_the_backward_pass():
 
 @pytest.mark.parametrize("preset", ["gemma_tiny", "gemma3_tiny"])
 def test_keeping_only_matmul_outputs_gives_the_same_gradients_and_keeps_less(preset):
-    """The default `train.keep_activations=matmuls` recomputes a block's elementwise ops and attention core."""
+    """`train.keep_activations=matmuls` recomputes a block's elementwise ops and attention core: the same numbers."""
     results = {}
     for keep in ("all", "matmuls"):
         config = config_lib.load_config(preset, overrides={
@@ -70,12 +70,13 @@ def test_keeping_only_matmul_outputs_gives_the_same_gradients_and_keeps_less(pre
 def test_keep_only_matmul_outputs_wraps_each_block_once():
     from keras_tune.models.loader import keep_matmul_outputs_only
 
-    config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1"})
+    config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "train.keep_activations": "matmuls"})
     backbone = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm.backbone
-    assert keep_matmul_outputs_only(backbone) == 0  # build_model already did (the default)
-    remat = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "train.remat": True})
-    backbone = build_model(remat, lora=True, devices=jax.devices()[:1]).causal_lm.backbone
-    assert keep_matmul_outputs_only(backbone) == len(backbone.transformer_layers)  # whole-block remat had none
+    assert keep_matmul_outputs_only(backbone) == 0  # build_model already did
+    for overrides in ({}, {"train.keep_activations": "matmuls", "train.remat": True}):  # the default; whole-block remat
+        config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", **overrides})
+        backbone = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm.backbone
+        assert keep_matmul_outputs_only(backbone) == len(backbone.transformer_layers), overrides
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
