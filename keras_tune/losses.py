@@ -50,15 +50,22 @@ import keras
 # Loss positions a row may hold, as fractions of the row: each batch's head runs
 # at the smallest that fits (a compiled step each, or a branch of one: `add_loss_positions`).
 CAPACITY_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+# The branches of one compiled step ("branched" batches, a quantized base:
+# memory first). Each branch is a head of its own for XLA to compile, and the
+# compile is such a run's peak: on the 270M with an int8 base it took the
+# process ~410-480 MiB above the model with four branches, ~340-360 with these three.
+BRANCH_FRACTIONS = (0.25, 0.5, 1.0)
 
 
-def capacities(length):
+def capacities(length, fractions=CAPACITY_FRACTIONS):
     """The loss-position capacities of rows of `length` positions (multiples of 8, ascending).
 
     Args:
         length: input positions a row.
+        fractions: the capacities as fractions of the row (`CAPACITY_FRACTIONS`,
+            or `BRANCH_FRACTIONS` for the branches of one step).
     """
-    levels = {min(length, max(8, -(-int(length * f) // 8) * 8)) for f in CAPACITY_FRACTIONS}
+    levels = {min(length, max(8, -(-int(length * f) // 8) * 8)) for f in fractions}
     return sorted(levels)
 
 
@@ -90,11 +97,10 @@ def add_loss_positions(x, y, sample_weight, layout=SHAPED):
     - "shaped": `loss_positions` is `[batch, capacity]`, so each capacity is a
       compiled step of its own (up to four a length);
     - "branched": `loss_positions` is `[batch, length]` and `loss_counts`
-      (`[batch]`) says how many carry loss; the model picks the capacity in a
-      `lax.switch`, one compiled step for all. JAX makes the head's table an
-      output of the switch for the backward pass, and the 270M's float32
-      step was slower with it (1.56 vs 1.45 s at 64 loss tokens), so this
-      pays where memory comes first;
+      (`[batch]`) says how many carry loss; the model picks the capacity (of
+      `BRANCH_FRACTIONS`) in a `lax.switch`, one compiled step for all. The
+      270M's float32 step was slower with it (1.88 vs 1.70 s at 64 loss
+      tokens), so this pays where memory comes first;
     - "whole_row": `loss_positions` is `[batch, length]` with no counts: the
       head runs at every position (data with loss nearly everywhere).
 
@@ -473,7 +479,7 @@ class SparseLossModel(keras.Model):
         embedding = backbone.token_embedding
         head = TiedHead(embedding) if TiedHead.supports(embedding) else (lambda s: embedding(s, reverse=True))
         counts = inputs.get("loss_counts")
-        levels = capacities(positions.shape[1]) if counts is not None else [positions.shape[1]]
+        levels = capacities(positions.shape[1], BRANCH_FRACTIONS) if counts is not None else [positions.shape[1]]
 
         def at_capacity(capacity):
             def head_at_positions(hidden, positions, all_targets):

@@ -15,6 +15,7 @@ from keras_tune.rundir import read_rows
 def test_capacities_are_a_few_multiples_of_8():
     assert losses.capacities(128) == [16, 32, 64, 128]
     assert losses.capacities(20) == [8, 16, 20]
+    assert losses.capacities(128, losses.BRANCH_FRACTIONS) == [32, 64, 128]  # a compiled step's branches
 
 
 def test_loss_positions_list_the_weighted_positions_first_in_order():
@@ -74,7 +75,7 @@ def test_the_head_runs_at_the_smallest_capacity_that_holds_the_fullest_row():
     """The branch is picked by `loss_counts`: positions past the capacity get no NLL (their weight is 0 in real batches)."""
     config = config_lib.load_config("gemma_tiny", overrides={"distribution.mesh": "1x1"})
     trainer = losses.SparseLossModel(build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm)
-    length = 24  # capacities 8, 16, 24
+    length = 24  # branches 8, 16, 24
     x = {"token_ids": np.full((2, length), 5, np.int32), "padding_mask": np.ones((2, length), bool),
          "loss_positions": np.tile(np.arange(length, dtype=np.int32), (2, 1)), "targets": np.full((2, length), 7, np.int32)}
     for counts, capacity in (([3, 1], 8), ([9, 2], 16), ([8, 8], 8), ([1, 17], 24)):
