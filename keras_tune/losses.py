@@ -272,7 +272,7 @@ def _nll_from_logits(logits, ids):
     return nll, (jnp.argmax(logits, axis=-1) == ids).astype(jnp.float32)
 
 
-def _table_nll(head, rows, table_gradient=True):
+def _table_nll(head, rows, table_gradient=True):  # long: one custom VJP, its sweep and both backward passes
     """`(states, table, scale, ids) -> (nll, correct)` over the table in blocks of `rows` rows, with its own gradient.
 
     Forward: an online log-sum-exp, the target's logit and the running argmax
