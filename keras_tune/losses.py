@@ -272,7 +272,7 @@ def _nll_from_logits(logits, ids):
     return nll, (jnp.argmax(logits, axis=-1) == ids).astype(jnp.float32)
 
 
-def _table_nll(head, rows, table_gradient=True):  # long: one custom VJP, its sweep and both backward passes
+def _table_nll(head, rows):  # long: one custom VJP, its sweep and both backward passes
     """`(states, table, scale, ids) -> (nll, correct)` over the table in blocks of `rows` rows, with its own gradient.
 
     Forward: an online log-sum-exp, the target's logit and the running argmax
@@ -280,8 +280,8 @@ def _table_nll(head, rows, table_gradient=True):  # long: one custom VJP, its sw
     Autodiff of the same forward would keep four or five `[tokens, vocabulary]`
     buffers (logits, exponentials, softmax, a one-hot, their difference).
 
-    With `table_gradient` (the table trains: full fine-tuning, LoRA on the
-    embedding) the backward pass recomputes each block's logits (`jax.vjp` of
+    Where the table trains (`head.table_gradient`: full fine-tuning, LoRA on
+    the embedding) the backward pass recomputes each block's logits (`jax.vjp` of
     `head.logits`, so the soft-cap, casts and int8 scales are differentiated as
     keras-hub computes them) and pulls `softmax - one_hot` back through them
     into the states and the table: three head matmuls a step.
@@ -299,7 +299,6 @@ def _table_nll(head, rows, table_gradient=True):  # long: one custom VJP, its sw
     Args:
         head: a `TiedHead`.
         rows: vocabulary rows a block (`TiedHead.block_rows`).
-        table_gradient: whether the table's gradient is needed.
     """
     import jax
     import jax.numpy as jnp
@@ -356,7 +355,7 @@ def _table_nll(head, rows, table_gradient=True):  # long: one custom VJP, its sw
         return nll, correct
 
     def forward(states, table, scale, ids):
-        if not table_gradient:
+        if not head.table_gradient:
             nll, correct, _, d_states = sweep(states, table, scale, ids, with_gradient=True)
             # A 0-d array carries the states' dtype into the backward pass.
             return (nll, correct), (d_states, jnp.zeros((), states.dtype), None, None, None)
@@ -365,7 +364,7 @@ def _table_nll(head, rows, table_gradient=True):  # long: one custom VJP, its sw
 
     def backward(residuals, cotangents):
         upstream = cotangents[0][:, None]
-        if not table_gradient:
+        if not head.table_gradient:
             d_states, dtype_of_states = residuals[:2]
             return (d_states * upstream).astype(dtype_of_states.dtype), None, None, None
         states, table, scale, ids, log_total = residuals
@@ -436,7 +435,7 @@ def head_nll(hidden, targets, head, chunk_tokens=0):
     def one_chunk(inputs):
         states, ids = inputs
         if isinstance(head, TiedHead):
-            nll, correct = _table_nll(head, rows, head.table_gradient)(states, table, scale, ids)
+            nll, correct = _table_nll(head, rows)(states, table, scale, ids)
         else:
             nll, correct = _nll_from_logits(head(states).astype(jnp.float32), ids)
         return nll, jax.lax.stop_gradient(correct)

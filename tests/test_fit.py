@@ -67,6 +67,7 @@ def _unmatched_layout(tmp_path):
         (["--set", "train.stepz=3"], "unknown config field 'train.stepz'"),
         (["--peak-tflops", "-1"], "--peak-tflops -1.0: expected >= 0"),
         (["--sample-max-length", "1"], "--sample-max-length 1: expected at least 2"),
+        (["--keep-activations", "some"], "train.keep_activations 'some'; expected one of ('matmuls', 'all')"),
     ],
 )
 def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_path, capsys, no_model):
@@ -156,6 +157,18 @@ def test_default_style_run_leaves_every_artifact(tmp_path, capsys):
     assert "validation before training" in printed and "MFU against 1 TFLOP/s" in printed
     with np.load(out / "adapter.npz") as adapter:
         assert any(key.endswith("lora_kernel_b") and np.abs(adapter[key]).max() > 0 for key in adapter.files)
+
+
+def test_keep_activations_matmuls_trains_from_the_command_line(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "run"
+    code = cli.fit_main(["--preset", "gemma3_tiny", "--data", "text", "--data-path", corpus, "--steps", "3",
+                         "--keep-activations", "matmuls", "--output-dir", str(out)])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["train"]["keep_activations"] == "matmuls"
+    rows = read_rows(str(out / "metrics.csv"))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows[1:])
+    assert (out / "adapter.npz").is_file()
 
 
 def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -24,20 +24,23 @@ def _compiled_temp_bytes(model, x, y, weight):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def _loss_grads_and_temp_bytes(preset, **overrides):
+    """A LoRA model's loss, gradients and compiled temporaries on a 2 x 256 all-token batch, adapters random."""
+    config = config_lib.load_config(preset, overrides={
+        "distribution.mesh": "1x1", "lora.targets": "query,value,ffw_linear", **overrides})
+    model = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
+    rng = np.random.default_rng(0)
+    for variable in model.trainable_variables:
+        variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
+    x, y, weight = _batch(model.backbone.vocabulary_size, "all", batch=2, length=256)
+    loss, grads = _loss_and_grads(model, x, y, weight)
+    return model, loss, grads, _compiled_temp_bytes(model, x, y, weight)
+
+
 def test_remat_gives_the_same_gradients_and_keeps_less_for_the_backward_pass():
-    results = {}
-    for remat in (False, True):
-        config = config_lib.load_config("gemma_tiny", overrides={
-            "train.remat": remat, "train.keep_activations": "all", "distribution.mesh": "1x1",
-            "lora.targets": "query,value,ffw_linear"})
-        model = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
-        rng = np.random.default_rng(0)
-        for variable in model.trainable_variables:
-            variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
-        x, y, weight = _batch(model.backbone.vocabulary_size, "all", batch=2, length=256)
-        loss, grads = _loss_and_grads(model, x, y, weight)
-        results[remat] = (loss, grads, _compiled_temp_bytes(model, x, y, weight))
-    (loss, grads, plain_bytes), (remat_loss, remat_grads, remat_bytes) = results[False], results[True]
+    _, loss, grads, plain_bytes = _loss_grads_and_temp_bytes("gemma_tiny", **{"train.keep_activations": "all"})
+    _, remat_loss, remat_grads, remat_bytes = _loss_grads_and_temp_bytes(
+        "gemma_tiny", **{"train.keep_activations": "all", "train.remat": True})
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for a, b in zip(grads, remat_grads):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
@@ -49,17 +52,9 @@ def test_keeping_only_matmul_outputs_gives_the_same_gradients_and_keeps_less(pre
     """`train.keep_activations=matmuls` recomputes a block's elementwise ops and attention core: the same numbers."""
     results = {}
     for keep in ("all", "matmuls"):
-        config = config_lib.load_config(preset, overrides={
-            "train.keep_activations": keep, "distribution.mesh": "1x1", "lora.targets": "query,value,ffw_linear"})
-        model = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm
+        model, *results[keep] = _loss_grads_and_temp_bytes(preset, **{"train.keep_activations": keep})
         wrapped = [getattr(block.call, "keras_tune_selective_remat", False) for block in model.backbone.transformer_layers]
         assert wrapped == [keep == "matmuls"] * len(wrapped)
-        rng = np.random.default_rng(0)
-        for variable in model.trainable_variables:
-            variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
-        x, y, weight = _batch(model.backbone.vocabulary_size, "all", batch=2, length=256)
-        loss, grads = _loss_and_grads(model, x, y, weight)
-        results[keep] = (loss, grads, _compiled_temp_bytes(model, x, y, weight))
     (loss, grads, all_bytes), (kept_loss, kept_grads, kept_bytes) = results["all"], results["matmuls"]
     np.testing.assert_allclose(kept_loss, loss, rtol=1e-6)
     for a, b in zip(grads, kept_grads):
