@@ -8,7 +8,8 @@ turns of a few steps (`common.run_in_turns`), so they see the same machine load.
 - **MTNT-like** (prompt/target pairs, loss on targets): the keras-hub recipe
   (pad, keras-hub's full logits); keras_tune at the same padded shapes with the
   sparse loss (the default: head and cross-entropy only at loss positions, in
-  chunks) and with `train.loss=full`; keras_tune `auto` (buckets + sparse); and
+  chunks) and with `train.loss=full`; keras_tune `auto` (whole pairs packed into
+  rows, document-masked, + sparse); and
   `--quantize int8` (the frozen base in int8, QLoRA-style).
 - **Code** (Python source, loss on every token): the keras-hub recipe (pad)
   against keras_tune `pack` with document masking (the default) and without

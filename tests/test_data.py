@@ -137,7 +137,7 @@ def test_layout_matches_keras_hub_preprocessor(tmp_path, tok):
 def test_bucketing_static_shapes_and_every_example_once(tmp_path, tok):
     records = [{"prompt": "p" * (i % 7 + 1) + ":\n", "response": "word " * (1 + (i * 5) % 23)} for i in range(60)]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    config = data_config(name="text", path=path, seq_len=64, batch_size=4, validation_fraction=0.2)
+    config = data_config(name="text", path=path, seq_len=64, batch_size=4, validation_fraction=0.2, batching="bucket")
     bundle = make_datasets(config, tok, seed=3, log=quiet)
     report = bundle.report
     assert report.batching == "bucket" and 1 < len(report.bucket_lengths) <= pipeline.MAX_BUCKETS
@@ -191,6 +191,77 @@ def test_pack_unit_exact():
     assert r.ids.tolist() == [[2, 10, 11, 12, 1], [2, 20, 21, 1, 30], [2, 1, 0, 0, 0]]
     assert r.mask.tolist() == [[True] * 5, [True] * 5, [True, True, False, False, False]]
     assert r.weights[:, 1:].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_pack_examples_unit_exact():
+    # Three examples: (prompt 10, target 11), (prompt 20 21, target 22), (target 30 31 32 33 34 35 36).
+    tok = pipeline.Tokenized(
+        np.array([10, 11, 20, 21, 22, 30, 31, 32, 33, 34, 35, 36], np.int32),
+        np.array([0, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], np.float32),
+        np.array([2, 3, 7]),
+    )
+    r = pipeline.pack_examples(tok, seq_len=8, bos=BOS, eos=EOS, pad=PAD)
+    # Wrapped sizes 4, 5, 9 in rows of 9: the longest is cut to the row, then 5 and 4 share one.
+    assert r.ids.tolist() == [[2, 30, 31, 32, 33, 34, 35, 36, 1], [2, 20, 21, 22, 1, 2, 10, 11, 1]]
+    assert r.segments.tolist() == [[1] * 9, [1, 1, 1, 1, 1, 2, 2, 2, 2]]
+    assert r.mask.all() and r.documents.tolist() == [1, 2]
+    # Targets (row[1:]): each example's as it has them alone; the next example's <bos> carries none.
+    assert r.weights[:, 1:].tolist() == [[1] * 8, [0, 0, 1, 1, 0, 0, 1, 1]]
+    leaky = pipeline.pack_examples(tok, seq_len=8, bos=BOS, eos=EOS, pad=PAD, documents=False)
+    assert leaky.segments is None and leaky.ids.tolist() == r.ids.tolist()
+
+
+def test_best_fit_decreasing_fills_the_fullest_row_that_fits():
+    bins, offsets, ordinal = pipeline.best_fit_decreasing([3, 7, 5, 2, 4, 1], capacity=8)
+    # 7 -> A(1 left); 5 -> B(3 left); 4 -> C(4 left); 3 -> B (the fullest that fits); 2 -> C; 1 -> A.
+    assert bins.tolist() == [1, 0, 1, 2, 2, 0]
+    assert offsets.tolist() == [5, 0, 0, 4, 0, 7]
+    assert ordinal.tolist() == [1, 0, 0, 1, 0, 1]
+
+
+def test_pairs_are_packed_whole_and_keep_the_targets_they_have_alone(tmp_path, tok):
+    records = [{"prompt": "p" * (i % 7 + 1) + ":\n", "response": "word " * (1 + (i * 5) % 23)} for i in range(60)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    # Batch size 1: no row sits out an epoch, so both layouts hold every example.
+    config = data_config(name="text", path=path, seq_len=64, batch_size=1, validation_fraction=0.2,
+                         cross_document_attention=False)
+    packed = make_datasets(config, tok, seed=3, log=quiet)
+    report = packed.report
+    assert report.batching == "pack" and report.whole_examples and report.document_masking
+    assert "packed examples (whole, none split across rows)" in report.summary()
+    assert report.train.kept == 48 and report.train.documents_per_row > 1.5
+    alone = make_datasets(data_config(**dict(config, batching="pad")), tok, seed=3, log=quiet)
+
+    def examples(bundle, split):
+        """Each example's (input ids, targets, weights) as its own segment of a row holds them."""
+        found = []
+        for token_ids, segments, y, weight in rows(getattr(bundle, split)):
+            segments = segments.astype(np.int64)
+            for segment in range(1, segments.max() + 1):
+                at = segments == segment
+                if weight[at].sum() > 0:  # validation fillers carry no weight
+                    found.append((tuple(token_ids[at]), tuple(y[at]), tuple(weight[at])))
+        return sorted(found)
+
+    for split in ("train", "validation"):
+        mine, theirs = examples(packed, split), examples(alone, split)
+        assert len(mine) == (48 if split == "train" else 12)
+        # The last position of a packed example predicts the next one's <bos> with weight 0,
+        # where its row alone predicts padding: compare everything but that target.
+        assert [(i, y[:-1], w) for i, y, w in mine] == [(i, y[:-1], w) for i, y, w in theirs], split
+    # Every row starts an example with <bos>, and each example (segment) opens with one.
+    x, _, _ = next(packed.train.as_numpy_iterator())
+    opens = np.diff(x["padding_mask"], axis=1, prepend=0) > 0
+    assert (x["token_ids"][opens] == BOS).all() and opens[:, 0].all()
+
+
+def test_auto_buckets_pairs_when_packing_would_not_fill_a_batch(tmp_path, tok):
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = data_config(name="text", path=path, seq_len=128, batch_size=2, validation_fraction=0.0)
+    assert make_datasets(config, tok, seed=0, log=quiet).report.batching == "bucket"  # all four fit one row
+    config.seq_len = 24
+    report = make_datasets(config, tok, seed=0, log=quiet).report
+    assert report.batching == "pack" and report.train.sequences >= 2
 
 
 def test_packed_rows_shuffled_still_all_there(tmp_path, tok):
@@ -296,7 +367,7 @@ def test_csv_and_json_records(tmp_path, tok):
     (tmp_path / "b.json").write_text(json.dumps(PAIRS), encoding="utf-8")
     config = data_config(name="text", path=str(tmp_path / "b.json"), seq_len=24, validation_fraction=0.0)
     bundle = make_datasets(config, tok, seed=0, log=quiet)
-    assert bundle.report.batching == "bucket" and bundle.report.train.kept == 4
+    assert bundle.report.batching == "pack" and bundle.report.train.kept == 4
 
 
 def test_prompt_too_long_is_dropped_and_counted(tmp_path, tok):
@@ -417,5 +488,6 @@ def test_benchmark_quick_smoke():
     figures = run(quick=True, tokenizer="tiny", examples=300, batch_size=4)
     assert figures["seq_len"] == 256
     assert figures["passes"] and figures["useful_ratio"] >= 1.5
-    assert set(figures["batching"]) == {"seeds_pad", "keras_tune_auto", "keras_tune_pack"}
+    assert set(figures["batching"]) == {"seeds_pad", "keras_tune_bucket", "keras_tune_auto"}
+    assert figures["batching"]["keras_tune_auto"]["batching"] == "pack"
     assert figures["tokenize"]["seeds_numpy_function"]["tokens"] == figures["tokenize"]["keras_tune_graph_op"]["tokens"]

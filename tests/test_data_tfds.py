@@ -191,12 +191,19 @@ def test_mtnt_from_tfds_dir_exact_layout(tfds_dir, tok):
     assert val_targets == sorted(tuple(ids(tok, d) + [EOS]) for _, d in PAIRS["valid"])
 
 
-def test_mtnt_bucketed_by_default(tfds_dir, tok):
-    config = data_config(name="mtnt", data_dir=tfds_dir, seq_len=128)
+def test_mtnt_auto_packs_whole_pairs_where_that_fills_a_batch_and_buckets_otherwise(tfds_dir, tok):
+    config = data_config(name="mtnt", data_dir=tfds_dir, seq_len=256)
     bundle = make_datasets(config, tok, seed=0, log=None)
-    assert bundle.report.batching == "bucket" and max(bundle.report.bucket_lengths) < 128
+    # Six pairs of 25 tokens fit one row of 256: too few rows for a batch of 2, so one pair a row.
+    assert bundle.report.batching == "bucket" and max(bundle.report.bucket_lengths) < 256
     for x, _, _ in bundle.train.as_numpy_iterator():
         assert x["token_ids"].shape[1] in bundle.report.bucket_lengths
+    config.seq_len = 64  # two pairs a row, three rows
+    packed = make_datasets(config, tok, seed=0, log=None)
+    assert packed.report.batching == "pack" and packed.report.whole_examples
+    assert packed.report.train.kept == 6 and packed.report.train.documents_per_row == 2
+    x, y, w = next(packed.train.as_numpy_iterator())
+    assert x["token_ids"].shape == (2, 64) and x["padding_mask"].max(axis=1).tolist() == [2, 2]  # segment ids
 
 
 def test_unknown_split_and_missing_dataset(tfds_dir, tmp_path):

@@ -3,8 +3,9 @@
 Each pair becomes `<bos>` + the prompt template filled with the source (default
 `"Translate this into French:\\n{source}\\n"`) followed by the target + `<eos>`;
 the loss covers only the target and its `<eos>`, never the prompt or padding,
-as the Gemma translation tutorials do. Rows are length-bucketed under
-`batching="auto"`. Training reads `train` (the first `data.max_examples`, 0 =
+as the Gemma translation tutorials do. Under `batching="auto"` whole pairs
+share rows (packed, each attending only to itself), or, where that would not
+fill a batch, each has a row of a few bucket lengths. Training reads `train` (the first `data.max_examples`, 0 =
 all), validation the first `data.max_validation_examples` of `valid`.
 
 Example:

@@ -12,11 +12,17 @@ turns). From there every recipe takes the same path:
    report exact and lets every epoch reshuffle whole sequences cheaply.
 2. **Lay tokens out in rows** of `length + 1` ids (x is a row without its last id,
    y is the row shifted by one, as keras-hub's `CausalLMPreprocessor` does):
-   - `pack`: every example's tokens followed by `<eos>` form one stream, which is
-     cut into rows of `seq_len` tokens, each row led by `<bos>` (Gemma expects
-     `<bos>` at position 0). The targets of the rows, read in order, are the
-     stream itself: every token exactly once, none thrown away. Only the last row
-     is padded, and padding carries no loss.
+   - `pack`, documents (text recipes): every example's tokens followed by
+     `<eos>` form one stream, which is cut into rows of `seq_len` tokens, each
+     row led by `<bos>` (Gemma expects `<bos>` at position 0). The targets of
+     the rows, read in order, are the stream itself: every token exactly once,
+     none thrown away. Only the last row is padded, and padding carries no loss.
+   - `pack`, prompt/response and chat examples: whole examples (`<bos>` + tokens
+     + `<eos>`) share rows, placed longest first into the row with the least
+     room that holds them (best fit decreasing), never one across two rows, so
+     a target always sits with its prompt. Each is a segment of its own
+     (document masking), so its loss is the one it has alone in a row. `auto`
+     packs them when that still makes a batch, and buckets them otherwise.
    - `bucket`: one example a row, `<bos>` + tokens + `<eos>`, padded to the
      smallest of a few bucket lengths (at most `MAX_BUCKETS`, chosen from the
      data's length histogram to waste the least padding); the few rows that
@@ -328,6 +334,75 @@ def pack(tok, seq_len, bos, eos, pad, documents=False):
     return Rows(ids, weights, mask, segments, pieces.astype(np.int64))
 
 
+def best_fit_decreasing(sizes, capacity):
+    """Places items in bins: longest first, each into the fullest bin it fits (a new one if none).
+
+    Returns `(bin, offset, ordinal)` per item: its bin, where it starts in the
+    bin, and how many items the bin held before it.
+
+    Args:
+        sizes: item sizes, each at most `capacity`.
+        capacity: a bin's size.
+    """
+    import bisect
+
+    sizes = np.asarray(sizes, np.int64)
+    placed = np.empty((3, len(sizes)), np.int64)
+    room = []  # (free space, bin) of the bins with space left, ascending
+    used, held = [], []  # per bin: length filled, items placed
+    for item in np.argsort(-sizes, kind="stable"):
+        size = int(sizes[item])
+        at = bisect.bisect_left(room, (size, -1))
+        if at < len(room):
+            _, chosen = room.pop(at)
+        else:
+            chosen = len(used)
+            used.append(0)
+            held.append(0)
+        placed[:, item] = chosen, used[chosen], held[chosen]
+        used[chosen] += size
+        held[chosen] += 1
+        if used[chosen] < capacity:
+            bisect.insort(room, (capacity - used[chosen], chosen))
+    return placed[0], placed[1], placed[2]
+
+
+def pack_examples(tok, seq_len, bos, eos, pad, documents=True):
+    """Packs whole examples into rows of `seq_len + 1` ids, none split across rows.
+
+    Each example is `<bos>` + tokens + `<eos>` (one longer than a row is cut to
+    it, as `pad_rows` cuts); rows are filled by `best_fit_decreasing` and padded
+    at the end (mask 0, weight 0). A row's targets are its examples' targets as
+    `pad_rows` lays each out alone, and the target after an example's `<eos>`
+    (the next one's `<bos>`) carries no weight.
+
+    Args:
+        tok: the split's tokens.
+        seq_len: model input length.
+        bos, eos, pad: special token ids.
+        documents: number the examples of a row as segments (1, 2, ...; 0 on
+            padding) so attention stays inside each (`keras_tune.models.document_mask`).
+    """
+    wrapped = with_specials(tok, bos, eos)
+    width = seq_len + 1
+    need = np.minimum(wrapped.lengths, width)
+    row_of, offset_of, ordinal = best_fit_decreasing(need, width)
+    count = int(row_of.max()) + 1 if len(need) else 0
+    # Every kept token's example, its index inside the example, and where it goes.
+    owner = np.repeat(np.arange(len(need)), need)
+    inside = np.arange(int(need.sum())) - np.repeat(np.cumsum(need) - need, need)
+    source = wrapped.starts[owner] + inside
+    row, column = row_of[owner], offset_of[owner] + inside
+    ids = np.full((count, width), pad, np.int32)
+    weights = np.zeros((count, width), np.float32)
+    segments = np.zeros((count, width), np.int32)
+    ids[row, column] = wrapped.ids[source]
+    weights[row, column] = wrapped.weights[source]
+    segments[row, column] = ordinal[owner] + 1
+    per_row = np.bincount(row_of, minlength=count).astype(np.int64)
+    return Rows(ids, weights, segments > 0, segments if documents else None, per_row)
+
+
 def pad_rows(examples, length, pad):
     """One row per example (already wrapped in `<bos>`/`<eos>`), cut or padded to `length + 1`."""
     width = length + 1
@@ -576,10 +651,18 @@ def assign_buckets(need, lengths, batch_size):
     return index
 
 
-def _layout(tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report, documents=False):
-    """Turns one split's tokens into a list of `Rows`, one a length in `lengths`."""
+def _layout(tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report, documents=False, whole=False):
+    """Turns one split's tokens into a list of `Rows`, one a length in `lengths`.
+
+    `whole`: packing keeps each example in one row (`pack_examples`), for
+    prompt/response and chat examples; otherwise `pack` cuts the stream.
+    """
     if batching == "pack":
-        rows = pack(tok, seq_len, bos, eos, pad, documents=documents)
+        if whole:
+            rows = pack_examples(tok, seq_len, bos, eos, pad, documents=documents)
+            report.truncated = int((tok.lengths + 2 > seq_len + 1).sum())
+        else:
+            rows = pack(tok, seq_len, bos, eos, pad, documents=documents)
         report.kept = len(tok.lengths)
         report.documents_per_row = float(rows.documents.mean()) if len(rows) else 0.0
         return [rows]
@@ -595,9 +678,10 @@ def _layout(tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report, 
 def _drop_without_target(tok, seq_len, batching, report):
     """Drops (and counts) examples whose rows would carry no loss.
 
-    Under bucket and pad batching an example's row holds its first `seq_len`
-    tokens as targets (after `<bos>`); if none of them carries weight (a prompt
-    that fills the row), the example is dropped. Packing keeps every token.
+    Under bucket and pad batching, and packing whole examples (`batching`
+    "whole" here), an example's row holds its first `seq_len` tokens as targets
+    (after `<bos>`); if none of them carries weight (a prompt that fills the
+    row), the example is dropped. Packing a stream keeps every token.
     """
     if not len(tok.lengths):
         return tok
@@ -627,15 +711,17 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
     """
     seq_len, batch_size = int(data_config.seq_len), int(data_config.batch_size)
     batching = data_config.batching
-    if batching == "auto":
-        batching = "pack" if source.kind == "text" else "bucket"
-    if batching not in ("pack", "bucket", "pad"):
+    if batching not in ("auto", "pack", "bucket", "pad"):
         raise UserError(f"data.batching '{data_config.batching}'; expected one of auto, pack, bucket, pad")
+    whole = source.kind != "text"  # prompt/response and chat examples are packed whole
+    if batching == "auto" and not whole:
+        batching = "pack"
     bos, eos, pad = int(tokenizer.start_token_id), int(tokenizer.end_token_id), int(tokenizer.pad_token_id)
 
     report = DataReport(recipe=source.recipe, batching=batching, seq_len=seq_len, batch_size=batch_size)
     report.notes += source.notes
-    tokens = _tokenize_splits(source, tokenizer, seq_len, batching, report, log)
+    drop_rule = "whole" if whole and batching in ("auto", "pack") else batching
+    tokens = _tokenize_splits(source, tokenizer, seq_len, drop_rule, report, log)
     train_tok = tokens["train"]
     if not len(train_tok.lengths):
         raise UserError(
@@ -647,12 +733,18 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         report.notes.append(f"no validation: no usable examples in {source.validation_source}")
         val_tok = None
 
+    if batching == "auto":  # whole examples: packed while that still fills a batch
+        packed_rows = len(np.unique(best_fit_decreasing(np.minimum(train_tok.lengths + 2, seq_len + 1),
+                                                        seq_len + 1)[0]))
+        batching = report.batching = "pack" if packed_rows >= batch_size else "bucket"
     lengths = _row_lengths(batching, train_tok, val_tok, seq_len, batch_size)
     report.bucket_lengths = tuple(int(n) for n in lengths)
 
     documents = batching == "pack" and not data_config.get("cross_document_attention", False)
     report.document_masking = documents
-    train_groups = _layout(train_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.train, documents)
+    report.whole_examples = batching == "pack" and whole
+    train_groups = _layout(train_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.train, documents,
+                           whole)
     report.train.sequences = int(sum(len(g) for g in train_groups))
     report.train.batches = int(sum(len(g) // batch_size for g in train_groups))
     report.train.left_out_per_epoch = int(sum(len(g) % batch_size for g in train_groups))
@@ -669,7 +761,7 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
     validation, validation_steps = None, 0
     if val_tok is not None:
         val_groups = _layout(val_tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report.validation,
-                             documents)
+                             documents, whole)
         val_groups = [g for g in val_groups if len(g)]
         validation, filler = validation_dataset(val_groups, batch_size)
         report.validation.sequences = int(sum(len(g) for g in val_groups))

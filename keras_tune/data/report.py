@@ -21,7 +21,7 @@ class SplitReport:
         source: where the examples came from, in words.
         read: examples read from the source.
         kept: examples that became (part of) a training sequence.
-        truncated: kept examples cut at the sequence length (bucket/pad batching).
+        truncated: kept examples cut at the sequence length (bucket/pad batching, packed whole examples).
         dropped: reason -> number of examples that were read but not kept.
         tokens: tokenizer tokens of the kept examples (before `<bos>`/`<eos>`).
         sequences: rows of length `seq_len + 1` (or a bucket length + 1) made.
@@ -82,6 +82,8 @@ class DataReport:
         sampled_batches: how many training batches the two fractions are measured on.
         key_token_ids: token id sequences counted for the key-token weight, if on.
         document_masking: packed rows carry segment ids, so each document attends only to itself.
+        whole_examples: packed rows hold whole prompt/response or chat examples
+            (none split across two rows).
         notes: anything else worth a line.
     """
 
@@ -97,6 +99,7 @@ class DataReport:
     sampled_batches: int = 0
     key_token_ids: dict = dataclasses.field(default_factory=dict)
     document_masking: bool = False
+    whole_examples: bool = False
     notes: list = dataclasses.field(default_factory=list)
 
     @property
@@ -128,7 +131,8 @@ class DataReport:
             f"(over {self.sampled_batches} training batches)"
         )
         if self.batching == "pack":
-            out.append("  packed documents: " + ("each starts with <bos> and attends only to itself (segment ids)"
+            what = "examples (whole, none split across rows)" if self.whole_examples else "documents"
+            out.append(f"  packed {what}: " + ("each starts with <bos> and attends only to itself (segment ids)"
                                                  if self.document_masking else
                                                  "attend to the documents before them in a row "
                                                  "(data.cross_document_attention=true)"))

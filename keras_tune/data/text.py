@@ -6,7 +6,7 @@
   with the text field (`data.text_field`, default "text") is a document; a
   record with the prompt and response fields (`data.prompt_field`,
   `data.response_field`) is a prompt/target pair: the loss covers the response
-  and its `<eos>`, never the prompt (bucketed under `auto`). The first record
+  and its `<eos>`, never the prompt (whole pairs packed under `auto`). The first record
   decides which; every record must then have the field(s).
 
 `data.max_examples` caps how many examples are read (0 = all); a seeded
