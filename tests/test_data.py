@@ -219,6 +219,30 @@ def test_best_fit_decreasing_fills_the_fullest_row_that_fits():
     assert ordinal.tolist() == [1, 0, 0, 1, 0, 1]
 
 
+def test_best_fit_decreasing_matches_the_textbook_loop_on_random_sizes():
+    rng = np.random.default_rng(7)
+    sizes = np.minimum(rng.lognormal(3.0, 0.8, 500).astype(np.int64) + 1, 65)
+    bins, offsets, ordinal = pipeline.best_fit_decreasing(sizes, capacity=65)
+    filled = np.bincount(bins, weights=sizes).astype(np.int64)
+    assert (filled <= 65).all() and len(filled) == bins.max() + 1
+    for b in range(len(filled)):  # items of a bin lie end to end, in the order of their ordinals
+        members = np.flatnonzero(bins == b)
+        members = members[np.argsort(ordinal[members])]
+        assert ordinal[members].tolist() == list(range(len(members)))
+        assert offsets[members].tolist() == np.concatenate([[0], np.cumsum(sizes[members])[:-1]]).tolist()
+    # The textbook loop: each item, longest first, into the bin with the least room that holds it.
+    # Bins with equal room are interchangeable, so the bins' fill levels must agree exactly.
+    textbook = []
+    for size in sorted(sizes.tolist(), reverse=True):
+        fits = [k for k, used in enumerate(textbook) if used + size <= 65]
+        if fits:
+            best = max(fits, key=lambda k: textbook[k])
+            textbook[best] += size
+        else:
+            textbook.append(size)
+    assert sorted(filled.tolist()) == sorted(textbook)
+
+
 def test_pairs_are_packed_whole_and_keep_the_targets_they_have_alone(tmp_path, tok):
     records = [{"prompt": "p" * (i % 7 + 1) + ":\n", "response": "word " * (1 + (i * 5) % 23)} for i in range(60)]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)

@@ -338,23 +338,28 @@ def best_fit_decreasing(sizes, capacity):
     """Places items in bins: longest first, each into the fullest bin it fits (a new one if none).
 
     Returns `(bin, offset, ordinal)` per item: its bin, where it starts in the
-    bin, and how many items the bin held before it.
+    bin, and how many items the bin held before it. Bins are kept by free
+    space, with a bit set (in one Python integer) for each free space some bin
+    has, so finding the fullest bin that fits is a shift and a lowest-bit
+    search: about a microsecond an item at row lengths in the thousands.
 
     Args:
         sizes: item sizes, each at most `capacity`.
         capacity: a bin's size.
     """
-    import bisect
-
     sizes = np.asarray(sizes, np.int64)
     placed = np.empty((3, len(sizes)), np.int64)
-    room = []  # (free space, bin) of the bins with space left, ascending
+    by_free = [[] for _ in range(capacity + 1)]  # free space -> bins with exactly that much left
+    has_free = 0  # bit f set while by_free[f] holds a bin
     used, held = [], []  # per bin: length filled, items placed
     for item in np.argsort(-sizes, kind="stable"):
         size = int(sizes[item])
-        at = bisect.bisect_left(room, (size, -1))
-        if at < len(room):
-            _, chosen = room.pop(at)
+        fitting = has_free >> size
+        if fitting:
+            free = size + (fitting & -fitting).bit_length() - 1
+            chosen = by_free[free].pop()
+            if not by_free[free]:
+                has_free &= ~(1 << free)
         else:
             chosen = len(used)
             used.append(0)
@@ -362,8 +367,10 @@ def best_fit_decreasing(sizes, capacity):
         placed[:, item] = chosen, used[chosen], held[chosen]
         used[chosen] += size
         held[chosen] += 1
-        if used[chosen] < capacity:
-            bisect.insort(room, (capacity - used[chosen], chosen))
+        free = capacity - used[chosen]
+        if free:
+            by_free[free].append(chosen)
+            has_free |= 1 << free
     return placed[0], placed[1], placed[2]
 
 
