@@ -682,20 +682,20 @@ def _layout(tok, batching, seq_len, lengths, batch_size, bos, eos, pad, report, 
     return groups
 
 
-def _drop_without_target(tok, seq_len, batching, report):
+def _drop_without_target(tok, seq_len, streamed, report):
     """Drops (and counts) examples whose rows would carry no loss.
 
-    Under bucket and pad batching, and packing whole examples (`batching`
-    "whole" here), an example's row holds its first `seq_len` tokens as targets
-    (after `<bos>`); if none of them carries weight (a prompt that fills the
-    row), the example is dropped. Packing a stream keeps every token.
+    Under bucket and pad batching, and packing whole examples, an example's row
+    holds its first `seq_len` tokens as targets (after `<bos>`); if none of them
+    carries weight (a prompt that fills the row), the example is dropped.
+    Packing a stream (`streamed`) keeps every token.
     """
     if not len(tok.lengths):
         return tok
     starts = tok.starts
     target = tok.weights > 0
     has_target = np.add.reduceat(target.astype(np.int64), starts) > 0
-    if batching == "pack":
+    if streamed:
         fits = has_target
     else:
         position = np.arange(len(tok.ids)) - np.repeat(starts, tok.lengths)
@@ -727,8 +727,8 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
 
     report = DataReport(recipe=source.recipe, batching=batching, seq_len=seq_len, batch_size=batch_size)
     report.notes += source.notes
-    drop_rule = "whole" if whole and batching in ("auto", "pack") else batching
-    tokens = _tokenize_splits(source, tokenizer, seq_len, drop_rule, report, log)
+    streamed = batching == "pack" and not whole
+    tokens = _tokenize_splits(source, tokenizer, seq_len, streamed, report, log)
     train_tok = tokens["train"]
     if not len(train_tok.lengths):
         raise UserError(
@@ -741,9 +741,7 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         val_tok = None
 
     if batching == "auto":  # whole examples: packed while that still fills a batch
-        packed_rows = len(np.unique(best_fit_decreasing(np.minimum(train_tok.lengths + 2, seq_len + 1),
-                                                        seq_len + 1)[0]))
-        batching = report.batching = "pack" if packed_rows >= batch_size else "bucket"
+        batching = report.batching = "pack" if _packs_a_batch(train_tok, seq_len, batch_size) else "bucket"
     lengths = _row_lengths(batching, train_tok, val_tok, seq_len, batch_size)
     report.bucket_lengths = tuple(int(n) for n in lengths)
 
@@ -780,7 +778,19 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
     return DataBundle(train, validation, report, report.train.batches, validation_steps, stream)
 
 
-def _tokenize_splits(source, tokenizer, seq_len, batching, report, log):
+def _packs_a_batch(tok, seq_len, batch_size):
+    """Whether `pack_examples` makes at least `batch_size` rows of `tok`.
+
+    Packing makes at least `ceil(tokens / row)` rows, so only data that could
+    fit fewer rows than a batch is placed here; `_layout` packs the rest once.
+    """
+    sizes = np.minimum(tok.lengths + 2, seq_len + 1)  # with <bos> and <eos>, cut to a row
+    if -(-int(sizes.sum()) // (seq_len + 1)) >= batch_size:
+        return True
+    return int(best_fit_decreasing(sizes, seq_len + 1)[0].max()) + 1 >= batch_size
+
+
+def _tokenize_splits(source, tokenizer, seq_len, streamed, report, log):
     """Tokenizes the train (and validation) examples; drops and counts the unusable ones."""
     splits = {"train": (source.train, source.train_source, source.train_dropped)}
     if source.validation is not None:
@@ -792,7 +802,7 @@ def _tokenize_splits(source, tokenizer, seq_len, batching, report, log):
         split_report.read = len(tok.lengths) + sum(dropped.values())
         empty = tok.lengths == 0
         split_report.dropped["empty after tokenizing"] += int(empty.sum())
-        tok = _drop_without_target(tok.select(~empty), seq_len, batching, split_report)
+        tok = _drop_without_target(tok.select(~empty), seq_len, streamed, split_report)
         split_report.tokens = int(len(tok.ids))
         split_report.dropped = Counter({k: v for k, v in split_report.dropped.items() if v})
         tokens[split] = tok
