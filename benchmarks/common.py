@@ -11,6 +11,7 @@ imports JAX itself.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,26 @@ def child_env(devices, kind=None):
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def run_output_dir(job, tag):
+    """Where a child's training run writes its adapter and logs.
+
+    Beside the job's log and result file when the parent gave one (so nothing is
+    left behind in the temp folder per run), else a new temp dir. A folder left
+    by an earlier run in the same log dir is emptied first: the fit would
+    otherwise resume from its checkpoint and measure nothing.
+
+    Args:
+        job: the child's job; its `result_path`, when present, names the folder.
+        tag: name of the run inside that folder.
+    """
+    result_path = job.get("result_path")
+    if result_path:
+        run_dir = Path(result_path).parent / f"{tag}.run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return str(run_dir)
+    return tempfile.mkdtemp(prefix="kt_bench_run_")
 
 
 def spawn(script, job, devices, timeout, log_dir=None):

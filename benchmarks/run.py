@@ -60,8 +60,9 @@ def data_pipeline_child(job):
 
 def quick_child(job):
     """The smoke setting: every measurement in this one process."""
-    out = {"step_throughput": step_throughput.many({"jobs": job["step_jobs"]})["results"]}
-    out["scaling"] = scaling.measure_meshes(job["scaling_job"])["rows"]
+    here = {"result_path": job.get("result_path")}  # the runs' output goes beside this job's result
+    out = {"step_throughput": step_throughput.many(dict(here, jobs=job["step_jobs"]))["results"]}
+    out["scaling"] = scaling.measure_meshes(dict(here, **job["scaling_job"]))["rows"]
     try:
         out["data_pipeline"] = data_pipeline_child({"quick": True})
     except Exception as error:  # the other module's failure is reported, not fatal

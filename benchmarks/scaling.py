@@ -67,7 +67,7 @@ def measure_meshes(job):
             "data.batching": "pad",
             "data.validation_fraction": 0.0,
             "train.steps": job["steps"],
-            "train.output_dir": tempfile.mkdtemp(prefix="kt_bench_scaling_"),
+            "train.output_dir": common.run_output_dir(job, f"{job.get('name', 'scaling')}.{mesh}"),
         }
         try:
             config = keras_tune.load_config(job["preset"], overrides=overrides)

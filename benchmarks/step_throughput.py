@@ -210,7 +210,7 @@ def keras_tune_side(job):
         "data.validation_fraction": 0.0,
         "data.max_examples": 0,
         "train.steps": job["steps"],
-        "train.output_dir": tempfile.mkdtemp(prefix="kt_bench_run_"),
+        "train.output_dir": common.run_output_dir(job, job.get("name", "job")),
         "lora.rank": job["lora_rank"],
         "optimizer.learning_rate": 5e-5,
         "optimizer.weight_decay": 0.01,
@@ -275,7 +275,7 @@ def many(job):
     results = []
     for sub in job["jobs"]:
         try:
-            results.append(HANDLERS[sub["kind"]](sub))
+            results.append(HANDLERS[sub["kind"]](dict({"result_path": job.get("result_path")}, **sub)))
         except Exception as error:  # one broken side still leaves the others
             traceback.print_exc()
             results.append({"name": sub["name"], "error": f"{type(error).__name__}: {error}"[:600]})

@@ -55,6 +55,13 @@ def test_run_quick_writes_json(tmp_path):
     for title in ("## Step throughput", "## Input pipeline", "## Scaling", "## GPU"):
         assert title in proc.stdout
 
+    # keras_tune's training runs keep their output beside the logs, one folder a run,
+    # instead of leaving a temp folder behind each time.
+    run_dirs = sorted(p.name for p in (tmp_path / "logs").glob("*.run"))
+    assert run_dirs == sorted([f"{job}.run" for job in ("keras_tune-pad-r0", "keras_tune-auto-r0")]
+                              + ["scaling-quick.1x1.run", "scaling-quick.1x8.run"]), run_dirs
+    assert all((tmp_path / "logs" / name / "adapter.npz").is_file() for name in run_dirs), run_dirs
+
 
 def test_the_recipe_side_runs_with_xlas_default_cpu_schedule(monkeypatch):
     """Only keras_tune's processes get the memory-optimized schedule `import keras_tune` asks for."""
