@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_tune import callbacks as cb
-from keras_tune import flops, rundir
+from keras_tune import compat, flops, rundir
 from keras_tune.metrics import TokenCount
 from keras_tune.checkpoint import CheckpointStore, check_identity, state_variables
 from keras_tune.errors import UserError
@@ -18,7 +18,7 @@ VOCAB, LENGTH, BATCH = 11, 6, 4
 
 def _model(learning_rate=0.0):
     """A token-level model shaped like a CausalLM's outputs: (batch, length) ids -> (batch, length, vocab) logits."""
-    keras.utils.set_random_seed(0)
+    compat.set_random_seed(0)  # keras.utils' tf.random.set_seed would drop the session tokenizer's TF resources
     inputs = keras.Input((LENGTH,), dtype="int32")
     hidden = keras.layers.Embedding(VOCAB, 8, name="embedding")(inputs)
     logits = keras.layers.Dense(VOCAB, name="dense")(hidden)

@@ -379,7 +379,12 @@ def test_code_default_corpus_is_installed_sources(tok):
     bundle = make_datasets(config, tok, seed=0, log=lines.append)
     assert bundle.report.train.kept + bundle.report.validation.kept == 6
     assert any("installed" in n for n in bundle.report.notes)
-    assert bundle.steps_per_epoch > 0 and bundle.report.pad_fraction < 0.01
+    assert bundle.steps_per_epoch > 0
+    # Packed rows cut the stream, so the only padding is the tail of an epoch's last
+    # batch: less than one batch in the batches sampled (which files are sampled
+    # depends on what is installed; whether the last batch is among them, on the shuffle).
+    report = bundle.report
+    assert report.pad_fraction * report.sampled_batches * 2 * 32 < 2 * 32, report
 
 
 def test_csv_and_json_records(tmp_path, tok):

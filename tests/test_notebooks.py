@@ -135,6 +135,56 @@ def test_notebook_is_committed_clean_and_uses_the_public_api(name):
     assert len(markdown) >= len(code) // 2, f"{name}: explain the steps in markdown"
 
 
+def _install_cell(name):
+    return next(cell.source for cell in read_notebook(name).cells
+                if cell.cell_type == "code" and "KERAS_TUNE_SOURCE" in cell.source)
+
+
+def _run_install_cell(source, kaggle_input, monkeypatch, keras_tune_source=None):
+    """Runs an install cell where keras_tune is not importable; returns the pip commands it ran."""
+    monkeypatch.undo()  # the previous call's blocked import and fake pip
+    import keras_tune
+
+    source = source.replace("/kaggle/input", str(kaggle_input))
+    if keras_tune_source is not None:
+        source = re.sub(r'^KERAS_TUNE_SOURCE = ""', f"KERAS_TUNE_SOURCE = {keras_tune_source!r}", source, flags=re.M)
+    commands = []
+
+    def pip(command):
+        commands.append(command)
+        sys.modules["keras_tune"] = keras_tune  # what the install makes importable
+
+    monkeypatch.setitem(sys.modules, "keras_tune", None)  # `import keras_tune` raises ImportError
+    monkeypatch.setattr(subprocess, "check_call", pip)
+    exec(compile(source, "install cell", "exec"), {})
+    return commands
+
+
+def test_the_install_cell_installs_the_attached_wheel_or_the_given_source(tmp_path, monkeypatch):
+    """On Kaggle with keras_tune's wheel attached as a dataset, the notebooks run as they are."""
+    sources = {name: _install_cell(name) for name in NOTEBOOKS}
+    assert len(set(sources.values())) == 1, "the five install cells differ"
+    source = sources[NOTEBOOKS[0]]
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+
+    with pytest.raises(SystemExit, match=r"no keras_tune-\*\.whl is attached under .*: attach the wheel"):
+        _run_install_cell(source, tmp_path / "input", monkeypatch)
+
+    wheel = tmp_path / "input" / "keras-tune-wheel" / "keras_tune-0.1.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"")
+    assert _run_install_cell(source, tmp_path / "input", monkeypatch) == [pip + [str(wheel)]]
+
+    url = "git+https://example.org/keras_tune.git"
+    assert _run_install_cell(source, tmp_path / "input", monkeypatch, keras_tune_source=url) == [pip + [url]]
+
+    # Where keras_tune is already installed the cell installs nothing.
+    commands = []
+    monkeypatch.setattr(subprocess, "check_call", commands.append)
+    exec(compile(source, "install cell", "exec"), {})
+    assert commands == []
+
+
 def test_readme_lists_every_example():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Examples", 1)[1].split("\n## ", 1)[0]

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_tune import compat
 from keras_tune import config as config_lib
 from keras_tune.errors import UserError
 from keras_tune.lora import apply_lora, trainable_report
@@ -81,7 +82,7 @@ def pair():
     so a mistake in that conversion shows up as different logits.
     """
     rg = _reference()
-    keras.utils.set_random_seed(0)
+    compat.set_random_seed(0)  # keras.utils' tf.random.set_seed would drop the session tokenizer's TF resources
     backbone = RecurrentGemmaBackbone(
         vocabulary_size=128, num_layers=5, hidden_dim=64, intermediate_dim=96, num_heads=4, attention_window_size=6
     )
