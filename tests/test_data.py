@@ -5,6 +5,8 @@ directories the tests prepare on disk.
 """
 
 import json
+import subprocess
+import sys
 
 import keras_hub
 import ml_collections
@@ -385,6 +387,32 @@ def test_code_default_corpus_is_installed_sources(tok):
     # depends on what is installed; whether the last batch is among them, on the shuffle).
     report = bundle.report
     assert report.pad_fraction * report.sampled_batches * 2 * 32 < 2 * 32, report
+
+
+def test_tokenizing_still_works_after_keras_set_random_seed():
+    """A notebook that calls `keras.utils.set_random_seed` after loading the model can still make datasets.
+
+    TensorFlow drops the SentencePiece op's resource on `tf.random.set_seed`; the
+    tokenizer then fails inside tf.data only. Run in a child process: the call
+    would break every tokenizer of this worker.
+    """
+    child = """
+import keras
+import tensorflow as tf
+from keras_tune.data.pipeline import document_example, tokenize
+from keras_tune.models.tiny import tiny_tokenizer
+
+tokenizer = tiny_tokenizer("gemma3")
+texts = tf.data.Dataset.from_tensor_slices(["hello world", "a b c"]).map(document_example)
+before = tokenize(texts, tokenizer)
+keras.utils.set_random_seed(0)
+after = tokenize(texts, tokenizer)
+assert after.ids.tolist() == before.ids.tolist() and after.lengths.tolist() == before.lengths.tolist()
+print("lengths", before.lengths.tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lengths [" in done.stdout and "lengths []" not in done.stdout, done.stdout
 
 
 def test_csv_and_json_records(tmp_path, tok):

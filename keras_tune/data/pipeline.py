@@ -238,21 +238,34 @@ def tokenize(dataset, tokenizer, log=None, what="examples"):
             token_weights,
         )
 
-    batches = (
-        dataset.ragged_batch(TOKENIZE_BATCH)
-        .map(tokenize_batch, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    ids, lengths, weights = [], [], []
-    count, last = 0, time.time()
-    for batch_ids, batch_lengths, batch_weights in batches.as_numpy_iterator():
-        ids.append(batch_ids)
-        lengths.append(batch_lengths)
-        weights.append(batch_weights)
-        count += len(batch_lengths)
-        if log and time.time() - last > 5:
-            log(f"  tokenized {count} {what}")
-            last = time.time()
+    def run():
+        batches = (
+            dataset.ragged_batch(TOKENIZE_BATCH)
+            .map(tokenize_batch, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        ids, lengths, weights = [], [], []
+        count, last = 0, time.time()
+        for batch_ids, batch_lengths, batch_weights in batches.as_numpy_iterator():
+            ids.append(batch_ids)
+            lengths.append(batch_lengths)
+            weights.append(batch_weights)
+            count += len(batch_lengths)
+            if log and time.time() - last > 5:
+                log(f"  tokenized {count} {what}")
+                last = time.time()
+        return ids, lengths, weights
+
+    try:
+        ids, lengths, weights = run()
+    except tf.errors.NotFoundError as error:
+        # `keras.utils.set_random_seed` (its `tf.random.set_seed`) after the tokenizer
+        # was built drops the SentencePiece op's model resource: the tokenizer still
+        # works eagerly but not inside tf.data. Building the op again restores it.
+        if "SentencepieceOp" not in str(error) or not hasattr(tokenizer, "set_proto"):
+            raise
+        tokenizer.set_proto(tokenizer.proto)
+        ids, lengths, weights = run()
     if not lengths:
         return Tokenized(np.zeros([0], np.int32), np.zeros([0], np.float32), np.zeros([0], np.int64))
     return Tokenized(np.concatenate(ids), np.concatenate(weights), np.concatenate(lengths).astype(np.int64))
