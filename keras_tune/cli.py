@@ -67,7 +67,7 @@ FIT_FLAGS = (
     ("--quantize", "train.quantize", str, "store the frozen base as int8 or int4 (QLoRA-style; LoRA stays float32)"),
     ("--remat", "train.remat", bool, "recompute each decoder block in the backward pass (less memory, ~1/3 more compute)"),
     ("--keep-activations", "train.keep_activations", str, "what a Gemma block keeps for the backward pass: all "
-     "(the default) or matmuls (their outputs; the rest is recomputed: less memory, a few % more time)"),
+     "(the default) or matmuls (their outputs; the rest is recomputed: less memory, a few percent more time)"),
     ("--device-memory", "train.device_memory", str, "memory of one device for the --dry-run planner, e.g. 16GiB or 80GB (default: the device's own figure or the device table)"),
     ("--coordinator", "distribution.coordinator", str, "multi-process: HOST:PORT of process 0"),
     ("--num-processes", "distribution.num_processes", int, "multi-process: how many processes (hosts) take part"),

@@ -35,6 +35,18 @@ def test_every_tool_reads_the_shared_model_flags_into_the_same_overrides(tool):
     }
 
 
+@pytest.mark.parametrize("tool", sorted(PARSERS))
+def test_help_prints_every_flag_and_exits_0(tool, capsys):
+    """`--help` formats every help text (a bare % in one would make argparse raise instead)."""
+    parser = PARSERS[tool]()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    assert flags and all(flag in text for flag in flags), [flag for flag in flags if flag not in text]
+
+
 def test_the_shared_flags_have_one_help_text_across_tools():
     def help_of(parser, flag):
         return next(action.help for action in parser._actions if flag in action.option_strings)
