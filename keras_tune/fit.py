@@ -89,6 +89,7 @@ def run(config, devices=None, callbacks=()):
             kept, no adapter is written).
     """
     from keras_tune.checkpoint import CheckpointStore
+    from keras_tune.data import check_data
     from keras_tune.models.loader import check_source
 
     from keras_tune.distribution import start_processes
@@ -99,6 +100,7 @@ def run(config, devices=None, callbacks=()):
     if config.run.dry_run:
         return RunResult(output_dir="", plan=plan, trainable=planned)
     check_source(config)
+    check_data(config.data)  # a wrong --data-path costs no model load and leaves no run directory
     store = CheckpointStore(output_dir, keep=config.train.keep_checkpoints)
     try:
         identity = prepare_run_dir(config, plan, store, output_dir)

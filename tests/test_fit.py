@@ -80,6 +80,29 @@ def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_pa
     assert fragment in lines[0]
 
 
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--data", "text"], "recipe 'text' needs --data-path: expected a directory, glob or file"),
+        (["--data", "chat", "--data-path", "TMP/*.jsonl"], "--data-path glob 'TMP/*.jsonl' matched no files; recipe 'chat'"),
+        (["--data", "code", "--data-path", "TMP/notes.txt"], "has suffix '.txt'; recipe 'code' expects .py, .jsonl, .json"),
+        (["--data", "imdb", "--data-path", "TMP/notes.txt"], "with recipe 'imdb', which reads TFDS; expected --data-dir"),
+        (["--data", "mtnt", "--set", "data.mtnt_pair=en-xx"], "data.mtnt_pair 'en-xx'; expected one of"),
+    ],
+)
+def test_a_wrong_data_input_is_one_line_before_the_model_and_the_run_directory(argv, fragment, tmp_path, capsys,
+                                                                              no_model):
+    (tmp_path / "notes.txt").write_text("some notes\n")
+    run_dir = tmp_path / "run"
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    code = cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(run_dir), *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert fragment.replace("TMP", str(tmp_path)) in lines[0]
+    assert not run_dir.exists()  # nothing written for a run that cannot start
+
+
 def test_unknown_preset_is_one_line(capsys, no_model):
     assert cli.fit_main(["--preset", "gemma_8b_en"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown preset 'gemma_8b_en'")

@@ -31,6 +31,24 @@ from keras_tune.errors import UserError
 RECIPES = {"imdb": imdb, "mtnt": mtnt, "code": code, "text": text, "chat": chat}
 
 
+def check_data(data_config):
+    """Checks what needs no tokenizer, so a mistake costs no model load: the recipe and where it reads.
+
+    A file recipe's `--data-path` must match files of its kinds; the TFDS recipes
+    take none. Reading and tokenizing (`make_datasets`) checks the rest.
+
+    Args:
+        data_config: the `data` section of the run config.
+
+    Raises:
+        UserError: the recipe is unknown, or its input cannot be found.
+    """
+    recipe = RECIPES.get(data_config.name)
+    if recipe is None:
+        raise UserError(f"--data '{data_config.name}'; expected one of {', '.join(RECIPES)}")
+    recipe.check(data_config)
+
+
 def make_datasets(data_config, tokenizer, seed=0, log=print):
     """Returns a `DataBundle` (train, validation, report, steps_per_epoch) for a recipe.
 
@@ -55,4 +73,4 @@ def make_datasets(data_config, tokenizer, seed=0, log=print):
     return make_bundle(source, tokenizer, data_config, seed=seed, log=log)
 
 
-__all__ = ["make_datasets", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]
+__all__ = ["check_data", "make_datasets", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]

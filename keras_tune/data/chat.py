@@ -61,6 +61,11 @@ def prompt_overhead(tokenizer):
     return int(np.asarray(tokenizer(USER + END + MODEL + END)).size) + 2
 
 
+def check(data_config):
+    """The checks that need no tokenizer (`keras_tune.data.check_data`): `--data-path` names record files."""
+    files.find_files(data_config.path, SUFFIXES, "chat")
+
+
 def source(data_config, tokenizer, seed=0, log=print):
     """Returns the `Source` for the conversations at `data_config.path`."""
     seq_len = int(data_config.seq_len)

@@ -171,6 +171,12 @@ def user_corpus(data_config, seed, log):
     return documents, dropped, f"{len(paths)} file(s) at '{data_config.path}'", []
 
 
+def check(data_config):
+    """The checks that need no tokenizer (`keras_tune.data.check_data`): a `--data-path` names code files."""
+    if data_config.path:
+        files.find_files(data_config.path, SUFFIXES, "code")
+
+
 def source(data_config, tokenizer, seed=0, log=print):
     """Returns the `Source` for a code corpus."""
     corpus = user_corpus if data_config.path else default_corpus

@@ -21,13 +21,18 @@ from keras_tune.errors import UserError
 TFDS_NAME = "imdb_reviews"
 
 
-def source(data_config, tokenizer, seed=0, log=print):
-    """Returns the `Source` for IMDb reviews."""
+def check(data_config):
+    """The checks that need no tokenizer (`keras_tune.data.check_data`): IMDb reads TFDS, not files."""
     if data_config.path:
         raise UserError(
             f"--data-path '{data_config.path}' with recipe 'imdb', which reads TFDS; "
             "expected --data-dir for a TFDS data directory (or recipe 'text' for your files)"
         )
+
+
+def source(data_config, tokenizer, seed=0, log=print):
+    """Returns the `Source` for IMDb reviews."""
+    check(data_config)
     train, train_where = load_split(TFDS_NAME, "train", data_config.data_dir, int(data_config.max_examples))
     val, val_where = load_split(TFDS_NAME, "test", data_config.data_dir, int(data_config.max_validation_examples))
     log(f"imdb: {train_where}; validation {val_where}")

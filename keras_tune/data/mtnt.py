@@ -67,16 +67,21 @@ def check_seq_len(template, tokenizer, seq_len):
         )
 
 
-def source(data_config, tokenizer, seed=0, log=print):
-    """Returns the `Source` for MTNT pairs."""
+def check(data_config):
+    """The checks that need no tokenizer (`keras_tune.data.check_data`): TFDS, not files, and a known pair."""
     if data_config.path:
         raise UserError(
             f"--data-path '{data_config.path}' with recipe 'mtnt', which reads TFDS; "
             "expected --data-dir for a TFDS data directory (or recipe 'text' with prompt/response files)"
         )
+    if data_config.mtnt_pair not in PAIRS:
+        raise UserError(f"data.mtnt_pair '{data_config.mtnt_pair}'; expected one of {', '.join(PAIRS)}")
+
+
+def source(data_config, tokenizer, seed=0, log=print):
+    """Returns the `Source` for MTNT pairs."""
+    check(data_config)
     pair = data_config.mtnt_pair
-    if pair not in PAIRS:
-        raise UserError(f"data.mtnt_pair '{pair}'; expected one of {', '.join(PAIRS)}")
     template = data_config.prompt_template
     check_seq_len(template, tokenizer, int(data_config.seq_len))
     name = f"mtnt/{pair}"
