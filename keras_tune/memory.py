@@ -996,8 +996,8 @@ def format_memory_report(report):
         ("optimizer state", report.optimizer_state, report.optimizer),
         ("gradients", report.gradients, ""),
         ("activations", report.activations,
-         f"{'with' if report.remat else 'without'} remat; {format_bytes(report.activations_no_remat)} without, "
-         f"{format_bytes(report.activations_remat)} with"),
+         f"with --remat (without: {format_bytes(report.activations_no_remat)})" if report.remat
+         else f"without remat (with --remat: {format_bytes(report.activations_remat)})"),
         ("logits/loss buffer", report.logits, f"{report.loss} loss"),
         ("backward workspace", report.backward_workspace, "the peak holds the larger of this and the logits"),
         ("transient weights", report.transient_weights, "the largest weight gathered/cast for the compute"),

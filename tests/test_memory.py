@@ -69,6 +69,8 @@ def test_gemma_7b_lora_fits_on_a_16gib_v5e_8_with_its_figures():
     for row in ("base weights", "trainable weights", "optimizer state", "gradients", "activations",
                 "logits/loss buffer", "total", "fits ("):
         assert row in text
+    activations = next(line for line in text.splitlines() if line.strip().startswith("activations"))
+    assert activations.endswith(f"without remat (with --remat: {memory.format_bytes(report.activations_remat)})")
 
 
 def test_gemma2_27b_full_fine_tuning_does_not_fit_and_the_suggestion_does():
