@@ -31,6 +31,14 @@ from keras_tune.errors import UserError
 RECIPES = {"imdb": imdb, "mtnt": mtnt, "code": code, "text": text, "chat": chat}
 
 
+def _recipe(data_config):
+    """The recipe module `data_config.name` names, or a `UserError` listing the known ones."""
+    recipe = RECIPES.get(data_config.name)
+    if recipe is None:
+        raise UserError(f"--data '{data_config.name}'; expected one of {', '.join(RECIPES)}")
+    return recipe
+
+
 def check_data(data_config):
     """Checks what needs no tokenizer, so a mistake costs no model load: the recipe and where it reads.
 
@@ -43,10 +51,7 @@ def check_data(data_config):
     Raises:
         UserError: the recipe is unknown, or its input cannot be found.
     """
-    recipe = RECIPES.get(data_config.name)
-    if recipe is None:
-        raise UserError(f"--data '{data_config.name}'; expected one of {', '.join(RECIPES)}")
-    recipe.check(data_config)
+    _recipe(data_config).check(data_config)
 
 
 def make_datasets(data_config, tokenizer, seed=0, log=print):
@@ -66,10 +71,7 @@ def make_datasets(data_config, tokenizer, seed=0, log=print):
     """
     environment.keep_tensorflow_off_accelerators()  # before any tf.data work
     log = log or (lambda line: None)
-    recipe = RECIPES.get(data_config.name)
-    if recipe is None:
-        raise UserError(f"--data '{data_config.name}'; expected one of {', '.join(RECIPES)}")
-    source = recipe.source(data_config, tokenizer, seed=seed, log=log)
+    source = _recipe(data_config).source(data_config, tokenizer, seed=seed, log=log)
     return make_bundle(source, tokenizer, data_config, seed=seed, log=log)
 
 

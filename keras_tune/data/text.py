@@ -26,6 +26,8 @@ from keras_tune.data.files import read_examples, split_source
 from keras_tune.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
+
+
 def check(data_config):
     """The checks that need no tokenizer (`keras_tune.data.check_data`): `--data-path` names files."""
     files.find_files(data_config.path, SUFFIXES, "text")
