@@ -5,7 +5,7 @@ what XLA's compiled Keras train step says it needs on one device
 (`compiled.memory_analysis()`: arguments + outputs - donated aliases + temporaries).
 The train step is the one `fit` runs (`model.train_step` under `jax.jit` with the
 state donated, as Keras jits it), on a model built abstractly under the plan's
-distribution and compiled as `keras_tune.fit.compile_model` compiles it, lowered
+distribution and compiled as `keras_tune.training.compile_model` compiles it, lowered
 with `jax.ShapeDtypeStruct`s: no weight is allocated, so the real Gemma 3 270M
 needs no download and no memory. XLA here is the CPU compiler on simulated
 devices, under its default schedule (keras_tune's own CPU runs ask for the
@@ -113,7 +113,7 @@ def compiled_memory(config, devices=None, cpu_schedule="CPU_SCHEDULER_TYPE_DEFAU
     import keras
 
     from keras_tune.environment import cpu_schedule_options
-    from keras_tune.fit import compile_model
+    from keras_tune.training import compile_model
     from keras_tune.models.loader import build_model
 
     try:
@@ -155,7 +155,7 @@ def measured_peak(config, steps=3):
     import keras
     import numpy as np
 
-    from keras_tune.fit import compile_model
+    from keras_tune.training import compile_model
     from keras_tune.models.loader import build_model
 
     device = jax.devices()[0]

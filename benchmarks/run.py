@@ -1,7 +1,7 @@
 """All CPU benchmarks in one run: prints every table and writes the figures as JSON.
 
 1. Step throughput: the seeds' hand-written keras-hub recipe against
-   `keras_tune.fit.run`, tiny preset on a 1x8 mesh of simulated CPU devices
+   `keras_tune.training.run`, tiny preset on a 1x8 mesh of simulated CPU devices
    (`benchmarks/step_throughput.py`).
 2. Input pipeline: the seeds' per-example `tf.numpy_function` tokenizing against
    `keras_tune.data` (`benchmarks/data_pipeline.py`).

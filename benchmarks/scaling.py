@@ -1,6 +1,6 @@
 """Scaling on simulated devices: step time and per-device memory of a tiny preset over meshes.
 
-One child process with 8 simulated CPU devices runs `keras_tune.fit.run` on
+One child process with 8 simulated CPU devices runs `keras_tune.training.run` on
 `gemma_tiny` for each mesh (1x1 takes the first device, 1x2 the first two, ...),
 same global batch, sequence length, data and steps. Per mesh it reports the
 steady step time and the per-device bytes of base weights, LoRA weights and
@@ -47,11 +47,11 @@ def _bytes_on_device(arrays, device):
 
 
 def measure_meshes(job):
-    """Child: one `keras_tune.fit.run` a mesh, all in this process."""
+    """Child: one `keras_tune.training.run` a mesh, all in this process."""
     import keras
 
     import keras_tune
-    from keras_tune import fit as fit_lib
+    from keras_tune import training
     from keras_tune.optim import optimizer_slots
 
     rows = []
@@ -72,7 +72,7 @@ def measure_meshes(job):
         try:
             config = keras_tune.load_config(job["preset"], overrides=overrides)
             timer = common.make_step_timer()
-            result = fit_lib.run(config, devices=devices, callbacks=[timer])
+            result = training.run(config, devices=devices, callbacks=[timer])
             summary = timer.summary(job["batch"] * job["seq_len"])
             planned = result.plan.memory(optimizer_slots(config.optimizer))
             import jax

@@ -1,4 +1,4 @@
-"""Step throughput: the seeds' hand-written keras-hub recipe against `keras_tune.fit.run`.
+"""Step throughput: the seeds' hand-written keras-hub recipe against `keras_tune.training.run`.
 
 Both sides train the same tiny random-init Gemma (`gemma_tiny`: 2 layers, 8 query
 and 8 key/value heads, so keras-hub's own layout map works on a 1x8 mesh) on the
@@ -11,7 +11,7 @@ same mesh, global batch, sequence length, LoRA rank and step count:
   AdamW(5e-5, weight_decay=0.01) excluding bias/scale from decay, `compile`, then
   `fit(list_of_strings, batch_size=B)`: the preprocessor pads every example to
   the fixed length and the loss covers prompt and target alike.
-- **keras_tune**: `keras_tune.fit.run(config)` on the same text written as
+- **keras_tune**: `keras_tune.training.run(config)` on the same text written as
   prompt/response JSONL (`--data text`), with `batching` pad (equal padded
   shapes: the toolkit's own cost), auto (whole pairs packed into rows, each
   attending only to itself, loss on targets only) or bucket (one pair a row in a
@@ -189,14 +189,14 @@ def replay_dataset(batches):
 
 
 def keras_tune_side(job):
-    """`keras_tune.fit.run(config)`, its training batches replayed in a known order (see below)."""
+    """`keras_tune.training.run(config)`, its training batches replayed in a known order (see below)."""
     import time
 
     import numpy as np
 
     import keras_tune
     import keras_tune.data as data_lib
-    from keras_tune import fit as fit_lib
+    from keras_tune import training
 
     started = time.perf_counter()
     batch, model, devices = _devices(job["mesh"])
@@ -248,7 +248,7 @@ def keras_tune_side(job):
     data_lib.make_datasets = replaying_make_datasets
     timer = common.make_step_timer(job)
     try:
-        fit_lib.run(config, devices=devices, callbacks=[timer])
+        training.run(config, devices=devices, callbacks=[timer])
     finally:
         data_lib.make_datasets = make_datasets
     steps = len(timer.ends)

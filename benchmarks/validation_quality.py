@@ -41,7 +41,7 @@ def evaluate_row(data_path, examples, overrides, devices=None):
     import numpy as np
 
     import keras_tune
-    from keras_tune import fit as fit_lib
+    from keras_tune import training
     from keras_tune.models.loader import build_model
 
     config = keras_tune.load_config("gemma3_270m_offline", overrides={
@@ -50,9 +50,9 @@ def evaluate_row(data_path, examples, overrides, devices=None):
         "data.max_examples": examples, "train.steps": 1, "train.sample_prompts": (), **overrides,
     })
     causal_lm = build_model(config, lora=True, devices=devices).causal_lm
-    data, total = fit_lib.setup_data(config, causal_lm.preprocessor.tokenizer)
-    trainer = fit_lib.compile_model(causal_lm, config, total)
-    with fit_lib.detached_preprocessor(trainer):
+    data, total = training.setup_data(config, causal_lm.preprocessor.tokenizer)
+    trainer = training.compile_model(causal_lm, config, total)
+    with training.detached_preprocessor(trainer):
         result = trainer.evaluate(data.validation, verbose=0, return_dict=True)
     tokens = sum(float(np.sum(w > 0)) for _, _, w in data.validation.as_numpy_iterator())
     return result["loss"], result["perplexity"], result["accuracy"], tokens

@@ -53,10 +53,10 @@ _EXPORTS = {
     "merge_lora": "keras_tune.lora",
     "build_optimizer": "keras_tune.optim",
     "make_datasets": "keras_tune.data",
-    "evaluate_texts": "keras_tune.evaluate",
-    "generate_texts": "keras_tune.generation",
-    "make_sampler": "keras_tune.generation",
-    "chat_prompt": "keras_tune.generation",
+    "evaluate_texts": "keras_tune.scoring",
+    "generate_texts": "keras_tune.decoding",
+    "make_sampler": "keras_tune.decoding",
+    "chat_prompt": "keras_tune.decoding",
     "merge_and_export": "keras_tune.models.export",
     "export_transformers": "keras_tune.models.export",
     "save_peft_adapter": "keras_tune.peft",
@@ -68,7 +68,7 @@ _EXPORTS = {
     "load_gguf_causal_lm": "keras_tune.models.gguf",
     "export_gguf": "keras_tune.models.gguf",
     "registry_gguf_path": "keras_tune.models.gguf",
-    "run": "keras_tune.fit",
+    "run": "keras_tune.training",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -294,7 +294,7 @@ class Samples(keras.callbacks.Callback):
         path: the samples file.
         generate: `(model, prompts) -> texts`; it gets the model with the
             weights `fit` holds synced into it (`keras_tune.fit` passes
-            `keras_tune.generation.generate_texts` with the detached preprocessor).
+            `keras_tune.decoding.generate_texts` with the detached preprocessor).
         every: steps between samples (0 = before and after only).
         log: where to echo the samples (None = quiet).
     """

@@ -1,12 +1,14 @@
-"""The front door of the four command-line tools: flags, one-line errors, exit codes.
+"""What the command-line tools share: the model flags, one-line errors, exit codes.
 
-`fit`, `generate`, `evaluate` and `export` share one set of model flags
-(`MODEL_FLAGS`: which model, on which mesh, at which precision, with which
-adapter), each with one help text; every flag is a config field, so a tool only
-turns flags into `load_config` overrides and calls the library. A user's
-mistake is one `error:` line and exit code 2, never a traceback, whether
-argparse or keras_tune finds it. `python -m keras_tune.fit` runs `fit_main`
-below; `keras_tune/fit.py` itself is library code a notebook imports.
+Each tool is a thin module named after its command (`keras_tune/fit.py` is
+`python -m keras_tune.fit`; likewise `generate`, `evaluate`, `export`) that
+turns flags into a config and calls the library (`keras_tune.training`,
+`keras_tune.decoding`, `keras_tune.scoring`, `keras_tune.models.exports`). They
+share one set of model flags (`MODEL_FLAGS`: which model, on which mesh, at
+which precision, with which adapter), each with one help text; every flag is a
+config field. A user's mistake is one `error:` line and exit code 2, never a
+traceback, whether argparse or keras_tune finds it; a run that fails
+(`keras_tune.errors.RunFailed`) is one line with its own exit code.
 
 Exit codes: 0 done, 2 a user error, 3 the loss became NaN/inf, 4 an output could not be
 written (what was there before is intact), 130 interrupted, 143 stopped by SIGTERM after a checkpoint.
@@ -17,7 +19,7 @@ import os
 import sys
 
 from keras_tune import config as config_lib
-from keras_tune.errors import UserError
+from keras_tune.errors import KerasTuneError, UserError
 
 # The Keras distributed-Gemma tutorial lets XLA take all accelerator memory.
 MEM_FRACTION_DEFAULT = "1.00"
@@ -32,49 +34,6 @@ MODEL_FLAGS = (
     ("--precision", "train.precision", str, "float32, mixed_bfloat16 or bfloat16 (weights and compute; LoRA stays float32)"),
 )
 
-FIT_FLAGS = (
-    ("--lora-rank", "lora.rank", int, "LoRA rank; 0 = full fine-tuning"),
-    ("--lora-targets", "lora.targets", str, "comma list of layers: query,key,value,attention_output,ffw_gating,ffw_gating_2,ffw_linear; "
-     "RecurrentGemma's recurrent blocks also linear_x,linear_y,linear_out"),
-    ("--lora-alpha", "lora.alpha", float, "LoRA alpha (update scaled by alpha/rank); 0 = rank"),
-    ("--data", "data.name", str, "recipe: imdb, mtnt, code, text, chat"),
-    ("--data-path", "data.path", str, "your files: directory, glob, .txt, .jsonl, .csv"),
-    ("--data-dir", "data.data_dir", str, "TFDS data directory (imdb, mtnt)"),
-    ("--max-examples", "data.max_examples", int, "use at most N examples (0 = all)"),
-    ("--seq-len", "data.seq_len", int, "tokens per training sequence"),
-    ("--batch-size", "data.batch_size", int, "global batch size (split over the mesh's batch axis)"),
-    ("--batching", "data.batching", str, "auto, pack, bucket or pad"),
-    ("--epochs", "train.epochs", int, "passes over the data (ignored when --steps is set)"),
-    ("--steps", "train.steps", int, "optimizer steps in total (0 = --epochs passes)"),
-    ("--learning-rate", "optimizer.learning_rate", float, "peak learning rate"),
-    ("--optimizer", "optimizer.name", str, "adamw or sgd"),
-    ("--weight-decay", "optimizer.weight_decay", float, "decoupled weight decay (norm scales and biases excluded)"),
-    ("--schedule", "optimizer.schedule", str, "constant, cosine or linear decay after warmup"),
-    ("--warmup-steps", "optimizer.warmup_steps", int, "linear warmup steps"),
-    ("--clipnorm", "optimizer.clipnorm", float, "global gradient-norm clipping (0 = off)"),
-    ("--accumulation-steps", "optimizer.accumulation_steps", int, "gradient accumulation steps"),
-    ("--output-dir", "train.output_dir", str, "run directory (default runs/<preset>-<time>); one with checkpoints is continued"),
-    ("--seed", "train.seed", int, "random seed for init, data order and sampling"),
-    ("--eval-every", "train.eval_every", int, "validate every N steps (0 = at the end); also once before training"),
-    ("--eval-steps", "train.eval_steps", int, "validation batches per evaluation (0 = all)"),
-    ("--save-every", "train.save_every", int, "Orbax checkpoint every N steps (0 = at the end only)"),
-    ("--keep-checkpoints", "train.keep_checkpoints", int, "checkpoints kept; older ones are deleted"),
-    ("--resume", "train.resume", bool, "continue from the newest checkpoint of --output-dir (default: the newest runs/<preset>-*)"),
-    ("--sample-prompt", "train.sample_prompts", list, "prompt to generate from before/after training and every --sample-every steps (repeatable)"),
-    ("--sample-every", "train.sample_every", int, "generate samples every N steps (0 = before and after only)"),
-    ("--sample-max-length", "train.sample_max_length", int, "prompt + generated tokens of a sample"),
-    ("--peak-tflops", "train.peak_tflops", float, "peak TFLOP/s of one device for the MFU estimate (0 = from the device table)"),
-    ("--quantize", "train.quantize", str, "store the frozen base as int8 or int4 (QLoRA-style; LoRA stays float32)"),
-    ("--remat", "train.remat", bool, "recompute each decoder block in the backward pass (less memory, ~1/3 more compute)"),
-    ("--keep-activations", "train.keep_activations", str, "what a Gemma block keeps for the backward pass: all "
-     "(the default) or matmuls (their outputs; the rest is recomputed: less memory, a few percent more time)"),
-    ("--device-memory", "train.device_memory", str, "memory of one device for the --dry-run planner, e.g. 16GiB or 80GB (default: the device's own figure or the device table)"),
-    ("--coordinator", "distribution.coordinator", str, "multi-process: HOST:PORT of process 0"),
-    ("--num-processes", "distribution.num_processes", int, "multi-process: how many processes (hosts) take part"),
-    ("--process-id", "distribution.process_id", int, "multi-process: this process's index, 0 .. N-1"),
-    ("--show-sharding", "run.show_sharding", bool, "print the sharding table"),
-    ("--dry-run", "run.dry_run", bool, "plan only: shapes, sharding and memory, no weights"),
-)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -170,8 +129,8 @@ def run_cli(parser, argv, work):
     """Parses `argv` and runs `work(args)`; returns the process exit code.
 
     `--simulate-devices` is applied here, before anything starts JAX. A
-    `UserError` prints as one line and exits with its `exit_code` (2 unless the
-    error class says otherwise); Ctrl-C exits with 130.
+    `KerasTuneError` prints as one line and exits with its `exit_code` (2 for a
+    `UserError`, a `RunFailed` says its own); Ctrl-C exits with 130.
 
     Args:
         parser: the tool's `ArgumentParser`.
@@ -190,76 +149,12 @@ def run_cli(parser, argv, work):
 
             simulate_devices(simulated)
         return work(args) or 0
-    except UserError as error:
-        print(f"{getattr(error, 'label', 'error')}: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 2)
+    except KerasTuneError as error:
+        print(f"{error.label}: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-# ---------------------------------------------------------------------------
-# python -m keras_tune.fit
-
-
-def build_fit_parser():
-    """The `fit` tool's parser: the model flags, one flag per training field, and actions."""
-    parser = tool_parser(
-        "python -m keras_tune.fit",
-        "LoRA fine-tuning of Gemma-family models with Keras 3 + keras-hub on a device mesh.",
-        FIT_FLAGS,
-    )
-    parser.add_argument("--list-presets", action="store_true", help="list presets with parameter counts and exit")
-    return parser
-
-
-def aligned_table(header, rows, right=()):
-    """Rows of text as columns as wide as their widest cell; the last column is not padded.
-
-    Args:
-        header: the column titles.
-        rows: tuples of cells (strings), one per column.
-        right: indices of right-aligned (numeric) columns.
-    """
-    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(row):
-        cells = [f"{cell:>{width}}" if i in right else f"{cell:<{width}}"
-                 for i, (cell, width) in enumerate(zip(row[:-1], widths))]
-        return "  ".join([*cells, str(row[-1])]).rstrip()
-
-    return "\n".join(line(row) for row in (header, *rows))
-
-
-def list_presets_table():
-    """Table of every shipped preset with its parameter count (planned, no download)."""
-    from keras_tune.lora import count_parameters
-    from keras_tune.models.loader import abstract_model
-
-    rows = []
-    for name in config_lib.list_presets():
-        config = config_lib.load_config(name)
-        description = config.description
-        try:
-            count = f"{count_parameters(abstract_model(config, lora=False).weights):,}"
-        except UserError as error:  # e.g. the registry package is not installed: say why after the description
-            count, description = "?", f"{description} (parameters unknown: {error})"
-        rows.append((name, config.model.family, config.model.source, count, description))
-    return aligned_table(("preset", "family", "source", "parameters", "description"), rows, right=(3,))
-
-
-def fit_main(argv=None):
-    """`python -m keras_tune.fit`; returns the process exit code (see the module docstring)."""
-
-    def work(args):
-        if args.list_presets:
-            print(list_presets_table())
-            return 0
-        from keras_tune.fit import run
-
-        run(load_tool_config(args, FIT_FLAGS))
-
-    return run_cli(build_fit_parser(), argv, work)
 
 
 def log_stderr(line):

@@ -1,17 +1,48 @@
-"""Errors that mean the user's input was wrong: the CLI prints them as one line."""
+"""The two kinds of error keras_tune raises on purpose, each a one-line message and an exit code.
+
+- `UserError`: the input was wrong (a flag, a file, a preset). Raised before any
+  expensive work where it can be; the command-line tools print it as one
+  `error:` line and exit with 2.
+- `RunFailed`: the input was fine but the run could not go on: the loss became
+  NaN (`LossNotFinite`, exit 3), an output could not be written (`WriteFailed`,
+  exit 4), SIGTERM stopped it after a checkpoint (`Preempted`, exit 143). What
+  was written before (checkpoints, adapters) is intact, and the message says
+  how to continue.
+
+Both derive from `KerasTuneError`, which is what the command-line tools catch.
+"""
 
 
-class UserError(Exception):
-    """Bad input from the user: a one-line message saying what was received and what was expected."""
+class KerasTuneError(Exception):
+    """An error keras_tune reports as one line: `label: message`, then exit with `exit_code`."""
+
+    exit_code = 2
+    label = "error"
 
 
-class WriteFailed(UserError):
+class UserError(KerasTuneError):
+    """Bad input from the user: a one-line message saying what was received and what was expected (exit 2)."""
+
+
+class RunFailed(KerasTuneError):
+    """A run that started could not finish; what it wrote before is intact."""
+
+    exit_code = 1
+
+
+class LossNotFinite(RunFailed):
+    """The training loss became NaN or infinite; the run stopped, the last good checkpoint is kept (exit 3)."""
+
+    exit_code = 3
+
+
+class WriteFailed(RunFailed):
     """An output could not be written (a full disk, say); what was there before is intact (exit 4)."""
 
     exit_code = 4
 
 
-class Preempted(UserError):
+class Preempted(RunFailed):
     """SIGTERM stopped the run after a checkpoint was written; rerunning continues it (exit 143)."""
 
     exit_code = 143

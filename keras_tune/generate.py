@@ -2,7 +2,7 @@
 
 Prompts come from the command line, or one a line from stdin when none are
 given. Instruct presets (`model.instruct`) get Gemma's chat turn format and stop
-at `<end_of_turn>` (`keras_tune.generation`); `--raw` sends prompts as they are.
+at `<end_of_turn>` (`keras_tune.decoding`); `--raw` sends prompts as they are.
 Each result is printed as `>>> prompt`, then the generated text (the prompt
 itself stripped). `--merge OUT_DIR` folds the adapter into the base weights and
 writes a keras-hub preset plus, where keras-hub can convert the model, a
@@ -25,7 +25,7 @@ import sys
 
 from keras_tune import cli
 from keras_tune.errors import UserError
-from keras_tune.generation import SAMPLERS, generate_texts, make_sampler
+from keras_tune.decoding import SAMPLERS, generate_texts, make_sampler
 
 
 def build_parser():

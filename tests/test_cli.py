@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from keras_tune import cli, evaluate, export, generate
+from keras_tune import cli, evaluate, export, fit, generate
 from keras_tune import config as config_lib
 from keras_tune.lora import apply_lora, save_adapter
 from keras_tune.models.loader import build_model, load_causal_lm
 
 PARSERS = {
-    "fit": cli.build_fit_parser,
+    "fit": fit.build_parser,
     "generate": generate.build_parser,
     "evaluate": evaluate.build_parser,
     "export": export.build_parser,
@@ -60,7 +60,7 @@ def test_the_shared_flags_have_one_help_text_across_tools():
 def test_a_missing_adapter_is_one_line_and_exit_2_on_every_tool(tool, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("hello")
-    main = {"fit": cli.fit_main, "generate": generate.main, "evaluate": evaluate.main, "export": export.main}[tool]
+    main = {"fit": fit.main, "generate": generate.main, "evaluate": evaluate.main, "export": export.main}[tool]
     extra = {"fit": [], "generate": ["hi"], "evaluate": [str(text)], "export": ["--gguf", str(tmp_path / "x.gguf")]}
     code = main(["--preset", "gemma3_tiny", "--adapter", str(tmp_path / "none.npz"), *extra[tool]])
     lines = capsys.readouterr().err.strip().splitlines()
@@ -180,7 +180,7 @@ def test_building_a_model_leaves_tokenizers_built_before_it_working(tok):
 
 
 def test_generation_pads_the_prompts_to_the_mesh_batch_axis():
-    from keras_tune.generation import generate_texts
+    from keras_tune.decoding import generate_texts
 
     config = config_lib.load_config("gemma_tiny", overrides={"distribution.mesh": "8x1"})
     causal_lm = build_model(config).causal_lm
@@ -229,7 +229,7 @@ def test_generate_merge_skips_the_transformers_copy_of_a_recurrentgemma_with_the
 
 
 def test_lora_targets_help_names_the_recurrent_block_targets():
-    parser = cli.build_fit_parser()
+    parser = fit.build_parser()
     text = next(action.help for action in parser._actions if "--lora-targets" in action.option_strings)
     for target in ("query", "ffw_linear", "linear_x", "linear_y", "linear_out"):
         assert target in text
@@ -250,7 +250,7 @@ def test_list_presets_columns_line_up_for_the_longest_names(monkeypatch):
 
     monkeypatch.setattr("keras_tune.lora.count_parameters", count)
     monkeypatch.setattr("keras_tune.models.loader.abstract_model", model)
-    lines = cli.list_presets_table().splitlines()
+    lines = fit.list_presets_table().splitlines()
     header, rows = lines[0], lines[1:]
     assert len(rows) == len(config_lib.list_presets())
     assert any(row.startswith("recurrentgemma_9b_it ") and " recurrentgemma " in row for row in rows)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import fit
+from keras_tune import training
 from keras_tune.data import make_datasets, pipeline
 from keras_tune.models.tiny import tiny_tokenizer
 from test_data_tfds import build_tfds_data_dir
@@ -112,7 +112,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     def run(batching):
         if batching not in runs:
             out = tmp_path_factory.mktemp(f"uninterrupted-{batching}") / "run"
-            fit.run(_config(data_dir, batching, out))
+            training.run(_config(data_dir, batching, out))
             runs[batching] = str(out)
         return runs[batching]
 
@@ -131,7 +131,7 @@ def test_a_run_resumed_across_epoch_ends_equals_the_uninterrupted_run(data_dir, 
         if step.isdigit() and int(step) > killed_after:
             shutil.rmtree(out / "checkpoints" / step)
     os.remove(out / "adapter.npz")
-    result = fit.run(_config(data_dir, batching, out))
+    result = training.run(_config(data_dir, batching, out))
     assert result.initial_step == killed_after and result.final_step == STEPS
     assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
     _assert_same_metrics(reference, str(out), steps=STEPS)

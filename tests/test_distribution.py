@@ -11,7 +11,7 @@ import pytest
 from keras_tune import config as config_lib
 from keras_tune.distribution import layout_dir, load_layout, parse_mesh, plan_sharding, resolve_layout
 from keras_tune.errors import UserError
-from keras_tune.fit import run
+from keras_tune.training import run
 from keras_tune.lora import apply_lora
 from keras_tune.models.loader import abstract_model, load_causal_lm
 from keras_tune.optim import build_optimizer

@@ -73,7 +73,7 @@ def _reference_nll(causal_lm, text, sequence_length):
 
 
 def test_windows_start_with_bos_and_cover_every_token_once():
-    from keras_tune.evaluate import _windows
+    from keras_tune.scoring import _windows
 
     token_lists = [np.array([], "int32"), np.arange(10, 13), np.arange(20, 27)]
     token_ids, mask, targets, weights, owners = _windows(token_lists, 4, bos_id=2, pad_id=0)
@@ -91,7 +91,7 @@ def test_windows_start_with_bos_and_cover_every_token_once():
 
 @pytest.mark.parametrize("sequence_length", [6, 64])
 def test_matches_direct_computation(tiny_lm, sequence_length):
-    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.scoring import evaluate_texts
 
     result = evaluate_texts(tiny_lm, TEXTS, sequence_length=sequence_length)
     totals = [_reference_nll(tiny_lm, text, sequence_length) for text in TEXTS]
@@ -110,7 +110,7 @@ def test_matches_direct_computation(tiny_lm, sequence_length):
 
 
 def test_batch_size_does_not_change_scores(tiny_lm):
-    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.scoring import evaluate_texts
 
     one = evaluate_texts(tiny_lm, TEXTS, sequence_length=8, batch_size=1)
     three = evaluate_texts(tiny_lm, TEXTS, sequence_length=8, batch_size=3)
@@ -123,7 +123,7 @@ def test_batch_size_does_not_change_scores(tiny_lm):
 
 
 def test_bad_arguments(tiny_lm):
-    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.scoring import evaluate_texts
 
     with pytest.raises(UserError, match="at least 2"):
         evaluate_texts(tiny_lm, ["text"], sequence_length=1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import cli, fit
+from keras_tune import cli, fit, training
 from keras_tune.rundir import read_rows
 from keras_tune.distribution import layout_dir
 
@@ -72,7 +72,7 @@ def _unmatched_layout(tmp_path):
 )
 def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_path, capsys, no_model):
     argv = [a.replace("UNMATCHED", _unmatched_layout(tmp_path)).replace("EMPTY", str(tmp_path / "run")) for a in argv]
-    code = cli.fit_main(["--preset", "gemma_tiny", *argv])
+    code = fit.main(["--preset", "gemma_tiny", *argv])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2
@@ -95,7 +95,7 @@ def test_a_wrong_data_input_is_one_line_before_the_model_and_the_run_directory(a
     (tmp_path / "notes.txt").write_text("some notes\n")
     run_dir = tmp_path / "run"
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]
-    code = cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(run_dir), *argv])
+    code = fit.main(["--preset", "gemma_tiny", "--output-dir", str(run_dir), *argv])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -104,7 +104,7 @@ def test_a_wrong_data_input_is_one_line_before_the_model_and_the_run_directory(a
 
 
 def test_unknown_preset_is_one_line(capsys, no_model):
-    assert cli.fit_main(["--preset", "gemma_8b_en"]) == 2
+    assert fit.main(["--preset", "gemma_8b_en"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown preset 'gemma_8b_en'")
 
 
@@ -122,12 +122,12 @@ def test_a_bad_flag_in_a_real_process_exits_2_without_a_traceback():
 
 def test_every_flag_is_a_config_field():
     fields = config_lib.base_config()
-    for flag, field, _, _ in cli.MODEL_FLAGS + cli.FIT_FLAGS:
+    for flag, field, _, _ in cli.MODEL_FLAGS + fit.FIT_FLAGS:
         section, name = field.split(".")
         assert name in fields[section], flag
-    parser = cli.build_fit_parser()
+    parser = fit.build_parser()
     args = parser.parse_args(["--sample-prompt", "a", "--sample-prompt", "b c", "--resume", "--save-every", "5"])
-    overrides = cli.overrides_from_args(args, cli.FIT_FLAGS)
+    overrides = cli.overrides_from_args(args, fit.FIT_FLAGS)
     assert overrides == {"train.sample_prompts": ("a", "b c"), "train.resume": True, "train.save_every": 5}
 
 
@@ -143,7 +143,7 @@ def test_every_flag_is_a_config_field():
     ],
 )
 def test_epoch_plan_puts_evaluations_and_checkpoints_on_epoch_ends(total, eval_every, save_every, initial, expected):
-    assert fit.epoch_plan(total, eval_every, save_every, initial) == expected
+    assert training.epoch_plan(total, eval_every, save_every, initial) == expected
 
 
 def test_default_style_run_leaves_every_artifact(tmp_path, capsys):
@@ -157,7 +157,7 @@ def test_default_style_run_leaves_every_artifact(tmp_path, capsys):
             "train.peak_tflops": 1.0,
         },
     )
-    result = fit.run(config)
+    result = training.run(config)
     printed = capsys.readouterr().out
     for name in ("config.json", "metrics.csv", "loss.png", "samples.txt", "adapter.npz"):
         assert (out / name).is_file(), name
@@ -185,7 +185,7 @@ def test_default_style_run_leaves_every_artifact(tmp_path, capsys):
 def test_keep_activations_matmuls_trains_from_the_command_line(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "run"
-    code = cli.fit_main(["--preset", "gemma3_tiny", "--data", "text", "--data-path", corpus, "--steps", "3",
+    code = fit.main(["--preset", "gemma3_tiny", "--data", "text", "--data-path", corpus, "--steps", "3",
                          "--keep-activations", "matmuls", "--output-dir", str(out)])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["train"]["keep_activations"] == "matmuls"
@@ -197,7 +197,7 @@ def test_keep_activations_matmuls_trains_from_the_command_line(tmp_path):
 def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=120)
     out = tmp_path / "run"
-    code = cli.fit_main([
+    code = fit.main([
         "--preset", "gemma_tiny", "--data", "text", "--data-path", corpus, "--steps", "12", "--save-every", "1",
         "--learning-rate", "1e30", "--clipnorm", "0", "--output-dir", str(out),
     ])
@@ -231,7 +231,7 @@ def test_the_train_step_compiles_once_across_epochs(mesh, device_count, tmp_path
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):
-            fit.run(config, devices=jax.devices()[:device_count])
+            training.run(config, devices=jax.devices()[:device_count])
     finally:
         jax.config.update("jax_log_compiles", False)
     compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]

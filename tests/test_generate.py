@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import generate, generation
+from keras_tune import decoding, generate
 from keras_tune.models import export
 from keras_tune.errors import UserError
 from keras_tune.lora import apply_lora, load_adapter, save_adapter
@@ -134,14 +134,14 @@ def test_instruct_prompts_use_the_gemma_chat_turn_format():
     preprocessor = Preprocessor()
     preprocessor.tokenizer = tokenizer
     recorder = _Recorder()
-    assert generation.generate_texts(recorder, preprocessor, ["Best comedy movies in the 90s"], 32, chat=True) == ["ok"]
+    assert decoding.generate_texts(recorder, preprocessor, ["Best comedy movies in the 90s"], 32, chat=True) == ["ok"]
     assert recorder.call["inputs"] == [
         "<start_of_turn>user\nBest comedy movies in the 90s<end_of_turn>\n<start_of_turn>model\n"
     ]
     end_of_turn = int(tokenizer.token_to_id("<end_of_turn>"))
     assert recorder.call["stop_token_ids"] == (int(tokenizer.end_token_id), end_of_turn)
     assert recorder.preprocessor is None  # put back as it was
-    generation.generate_texts(recorder, preprocessor, ["plain"], 32, chat=False)
+    decoding.generate_texts(recorder, preprocessor, ["plain"], 32, chat=False)
     assert recorder.call["inputs"] == ["plain"] and recorder.call["stop_token_ids"] == (int(tokenizer.end_token_id),)
 
 

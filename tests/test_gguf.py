@@ -592,7 +592,7 @@ def test_greedy_fibonacci(real_lm):
 
 @pytest.mark.slow
 def test_nll_on_english_and_norm_offset(real_lm, registry_path):
-    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.scoring import evaluate_texts
     from keras_tune.models.gguf import load_gguf_causal_lm
 
     good = evaluate_texts(real_lm, [PARAGRAPH], sequence_length=256)
@@ -634,7 +634,7 @@ def test_sharded_1x8_matches_1x1(real_lm, registry_path):
 
 @pytest.mark.slow
 def test_real_model_exports_to_f16_and_back(real_lm, tmp_path, cache):
-    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.scoring import evaluate_texts
     from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
 
     path = export_gguf(real_lm, tmp_path / "gemma3-270m-f16.gguf", dtype="f16")

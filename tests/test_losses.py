@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from keras_tune import config as config_lib
-from keras_tune import fit, losses
+from keras_tune import losses, training
 from keras_tune.models.loader import build_model
 from keras_tune.rundir import read_rows
 
@@ -298,7 +298,7 @@ def _run(tmp_path, loss):
         "data.name": "text", "data.path": corpus, "train.steps": 4, "train.eval_every": 2,
         "train.output_dir": str(tmp_path / loss), "train.loss": loss, "train.loss_chunk_tokens": 32,
     })
-    return fit.run(config), read_rows(str(tmp_path / loss / "metrics.csv"))
+    return training.run(config), read_rows(str(tmp_path / loss / "metrics.csv"))
 
 
 def test_a_sparse_run_logs_the_same_losses_and_metrics_as_a_full_one(tmp_path):

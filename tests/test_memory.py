@@ -145,11 +145,11 @@ def test_recurrentgemma_counts_26_recurrent_and_12_attention_blocks_of_the_9b():
 
 
 def test_the_dry_run_prints_the_recurrentgemma_9b_verdict(capsys):
-    from keras_tune import cli
+    from keras_tune import fit
 
     argv = ["--preset", "recurrentgemma_9b", "--mesh", "1x8", "--simulate-devices", "8", "--dry-run",
             "--device-memory", "16GiB"]
-    assert cli.fit_main(argv) == 0
+    assert fit.main(argv) == 0
     out = capsys.readouterr().out
     assert "memory per device: mesh 1x8 (8 devices), layout recurrentgemma_tp" in out
     assert "device memory 16.0 GiB (--device-memory 16GiB): fits (" in out

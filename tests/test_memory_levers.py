@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import fit
+from keras_tune import training
 from keras_tune.models.loader import build_model
 from test_losses import _batch, _loss_and_grads
 
@@ -83,7 +83,7 @@ def test_a_quantized_base_still_learns_and_its_adapter_loads_on_the_float_model(
         "data.name": "text", "data.path": corpus, "train.steps": 8, "train.eval_every": 8,
         "optimizer.learning_rate": 1e-2, "train.quantize": mode, "train.output_dir": str(tmp_path / mode),
     })
-    result = fit.run(config)
+    result = training.run(config)
     backbone = result.causal_lm.backbone
     assert any(str(v.dtype) == "int8" for v in backbone.weights)  # the base really is quantized
     assert all(str(v.dtype) == "float32" for v in backbone.trainable_weights)  # LoRA is not

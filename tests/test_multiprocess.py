@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from keras_tune import cli
+from keras_tune import fit
 from keras_tune.rundir import read_rows
 from test_fit import write_corpus
 from test_resume import REPO, _adapter, _max_diff
@@ -80,7 +80,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    assert cli.fit_main(_flags(corpus, out)) == 0
+    assert fit.main(_flags(corpus, out)) == 0
     return out
 
 
@@ -137,6 +137,6 @@ def test_an_incomplete_or_malformed_multi_process_request_is_one_line(capsys):
         (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"], "expected 0 .. 1"),
     ]
     for argv, fragment in cases:
-        assert cli.fit_main(["--preset", "gemma_tiny", "--dry-run", *argv]) == 2
+        assert fit.main(["--preset", "gemma_tiny", "--dry-run", *argv]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], lines

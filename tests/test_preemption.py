@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from keras_tune import cli
+from keras_tune import fit
 from keras_tune.rundir import read_rows
 from test_fit import write_corpus
 from test_resume import REPO, _adapter, _env, _max_diff
@@ -31,7 +31,7 @@ def _flags(corpus, out, steps=STEPS):
 def test_sigterm_checkpoints_the_current_step_exits_143_and_the_rerun_ends_where_an_uninterrupted_run_ends(
         corpus, tmp_path):
     reference = tmp_path / "reference"
-    assert cli.fit_main(_flags(corpus, reference)) == 0
+    assert fit.main(_flags(corpus, reference)) == 0
     out = tmp_path / "preempted"
     command = [sys.executable, "-m", "keras_tune.fit", *_flags(corpus, out)]
     log_path = tmp_path / "first.log"
@@ -83,9 +83,9 @@ def _one_error_line(capsys):
 def test_an_output_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, no_model):
     taken = tmp_path / "taken"
     taken.write_text("keep")
-    assert cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(taken)]) == 2
+    assert fit.main(["--preset", "gemma_tiny", "--output-dir", str(taken)]) == 2
     assert "is a file; expected a directory" in _one_error_line(capsys)
-    assert cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(taken / "run")]) == 2
+    assert fit.main(["--preset", "gemma_tiny", "--output-dir", str(taken / "run")]) == 2
     assert "cannot create it" in _one_error_line(capsys)
     assert taken.read_text() == "keep"
 
@@ -94,8 +94,8 @@ def test_an_output_dir_nobody_may_create_is_one_line_and_exit_2(tmp_path, capsys
     def refuse(path, exist_ok=False):  # what a non-root user meets in a folder of root's
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr("keras_tune.fit.os.makedirs", refuse)
-    assert cli.fit_main(["--preset", "gemma_tiny", "--output-dir", str(tmp_path / "locked" / "run")]) == 2
+    monkeypatch.setattr("keras_tune.training.os.makedirs", refuse)
+    assert fit.main(["--preset", "gemma_tiny", "--output-dir", str(tmp_path / "locked" / "run")]) == 2
     assert "cannot create it (Permission denied)" in _one_error_line(capsys)
 
 
@@ -116,13 +116,13 @@ def _full_disk(*args, **kwargs):
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_adapter(corpus, tmp_path, capsys,
                                                                                    monkeypatch):
     out = tmp_path / "run"
-    assert cli.fit_main(_flags(corpus, out, steps=8)) == 0
+    assert fit.main(_flags(corpus, out, steps=8)) == 0
     adapter = _adapter(out / "adapter.npz")
     capsys.readouterr()
     import orbax.checkpoint as ocp
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", _full_disk)
-    assert cli.fit_main(_flags(corpus, out, steps=16)) == 4  # continue to 16: the checkpoint at 16 cannot be written
+    assert fit.main(_flags(corpus, out, steps=16)) == 4  # continue to 16: the checkpoint at 16 cannot be written
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
     assert len(err) == 1 and err[0].startswith("error: could not write checkpoint 16"), err
     assert f"the previous checkpoint {out}/checkpoints/8 is intact" in err[0]
@@ -132,7 +132,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_adapt
 
 def test_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert cli.fit_main(_flags(corpus, out, steps=8)) == 0
+    assert fit.main(_flags(corpus, out, steps=8)) == 0
     adapter = _adapter(out / "adapter.npz")
     capsys.readouterr()
 
@@ -142,7 +142,7 @@ def test_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(corpus, tm
         _full_disk()
 
     monkeypatch.setattr("keras_tune.lora.np.savez", savez_then_full)
-    assert cli.fit_main(_flags(corpus, out, steps=16)) == 4
+    assert fit.main(_flags(corpus, out, steps=16)) == 4
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
     assert len(err) == 1 and "could not write" in err[0] and "No space left on device" in err[0], err
     assert "checkpoints/16 are intact" in err[0] or "checkpoint " in err[0]
@@ -152,7 +152,7 @@ def test_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(corpus, tm
 
 
 def test_seq_len_beyond_the_trained_context_is_a_warning_naming_both(capsys, no_model):
-    assert cli.fit_main(["--preset", "gemma_2b_en", "--seq-len", "9000", "--mesh", "1x8", "--batch-size", "8",
+    assert fit.main(["--preset", "gemma_2b_en", "--seq-len", "9000", "--mesh", "1x8", "--batch-size", "8",
                          "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "--seq-len 9000 is beyond the 8192 tokens gemma_2b_en was trained on" in err

@@ -237,7 +237,7 @@ def test_generation_cache_stays_within_the_window_and_generates_what_full_passes
 
 
 def test_evaluate_texts_scores_through_stateless_call(tiny):
-    from keras_tune.evaluate import evaluate_texts
+    from keras_tune.scoring import evaluate_texts
 
     text = "the model learns small words from a tiny corpus"
     result = evaluate_texts(tiny, [text], sequence_length=32)
@@ -299,9 +299,9 @@ def test_variables_carry_the_layout_partition_spec(layout):
 
 
 def test_dry_run_plans_the_9b_on_1x8(capsys):
-    from keras_tune import cli
+    from keras_tune import fit
 
-    assert cli.fit_main(["--preset", "recurrentgemma_9b", "--mesh", "1x8", "--simulate-devices", "8", "--dry-run"]) == 0
+    assert fit.main(["--preset", "recurrentgemma_9b", "--mesh", "1x8", "--simulate-devices", "8", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "preset recurrentgemma_9b: trainable" in out and "of 8,582,283,264 parameters" in out
     assert "layout recurrentgemma_tp" in out and "per device: base weights" in out

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import fit
+from keras_tune import training
 from keras_tune.rundir import read_rows
 from test_data_tfds import build_tfds_data_dir
 from test_distribution import _one_step
@@ -49,7 +49,7 @@ def mtnt_run(tmp_path_factory):
         "train.save_every": SAVE_EVERY, "train.eval_every": EVAL_EVERY, "train.eval_steps": 1,
         "train.sample_prompts": (PROMPT,), "train.output_dir": str(out),
     }
-    result = fit.run(config_lib.load_config("recurrentgemma_tiny", overrides=overrides))
+    result = training.run(config_lib.load_config("recurrentgemma_tiny", overrides=overrides))
     return data_dir, str(out), result
 
 

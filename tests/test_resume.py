@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune import fit
+from keras_tune import training
 from keras_tune.rundir import read_rows
 from keras_tune.errors import UserError
 from test_fit import write_corpus
@@ -69,7 +69,7 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     corpus = write_corpus(root / "corpus.txt")
     out = root / "uninterrupted"
-    result = fit.run(_config(corpus, out))
+    result = training.run(_config(corpus, out))
     return corpus, str(out), result
 
 
@@ -133,7 +133,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     steps = sorted(int(s) for s in os.listdir(out / "checkpoints"))
     assert steps == [STEPS - 2 * SAVE_EVERY, STEPS - SAVE_EVERY, STEPS]  # --keep-checkpoints 3
     _damage(str(out / "checkpoints" / str(STEPS)))
-    result = fit.run(_config(corpus, out))
+    result = training.run(_config(corpus, out))
     captured = capsys.readouterr()
     assert f"checkpoints/{STEPS} is unusable" in captured.err
     assert result.initial_step == STEPS - SAVE_EVERY and result.final_step == STEPS
@@ -157,7 +157,7 @@ def test_checkpoint_of_another_model_is_refused_before_building(uninterrupted, e
 
     monkeypatch.setattr(loader, "load_causal_lm", lambda config: pytest.fail("a model was built"))
     with pytest.raises(UserError) as error:
-        fit.run(_config(corpus, reference, **extra))
+        training.run(_config(corpus, reference, **extra))
     message = str(error.value)
     assert f"was written for {mine}" in message and f"this run has {theirs}" in message
     assert "\n" not in message

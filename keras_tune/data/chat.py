@@ -27,9 +27,9 @@ import numpy as np
 from keras_tune.data import files
 from keras_tune.data.files import read_examples, split_source
 from keras_tune.errors import UserError
-from keras_tune.generation import END_OF_TURN as END
-from keras_tune.generation import MODEL_TURN as MODEL
-from keras_tune.generation import USER_TURN as USER
+from keras_tune.decoding import END_OF_TURN as END
+from keras_tune.decoding import MODEL_TURN as MODEL
+from keras_tune.decoding import USER_TURN as USER
 
 SUFFIXES = (".jsonl", ".json", ".csv")
 ROLES = {"user": "user", "human": "user", "model": "model", "assistant": "model", "system": "system"}

@@ -1,4 +1,4 @@
-"""Generating text: Gemma's chat turn format, samplers, and `generate_texts`.
+"""Decoding: Gemma's chat turn format, samplers, and `generate_texts` (library code).
 
 Library code shared by the `generate` tool, the samples `fit` writes during
 training, and the `chat` data recipe (which renders training conversations in
@@ -7,9 +7,9 @@ the same turn format the model is prompted with here).
 Example:
 
 ```python
-from keras_tune import generation
-causal_lm.compile(sampler=generation.make_sampler("top_p", temperature=0.8, seed=1))
-texts = generation.generate_texts(causal_lm, causal_lm.preprocessor, ["def fib(n):"], max_length=64)
+from keras_tune import decoding
+causal_lm.compile(sampler=decoding.make_sampler("top_p", temperature=0.8, seed=1))
+texts = decoding.generate_texts(causal_lm, causal_lm.preprocessor, ["def fib(n):"], max_length=64)
 ```
 """
 
