@@ -53,7 +53,8 @@ def load_tokenizer(kind="auto"):
     """Returns (tokenizer, name): the real Gemma 3 tokenizer if available (or asked), else the tiny one."""
     if kind in ("auto", "real"):
         try:
-            from keras_tune.models.gguf import gguf_tokenizer, registry_gguf_path
+            from keras_tune.models.gguf.registry import registry_gguf_path
+            from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
             return gguf_tokenizer(registry_gguf_path()), "gemma3 (262k, from the registry GGUF)"
         except Exception:
@@ -92,7 +93,7 @@ def seeds_tokenize(texts, proto):
 
 def module_tokenize(texts, tokenizer):
     """`keras_tune.data`'s way: batched graph-op tokenization in tf.data; returns tokens made."""
-    from keras_tune.data.pipeline import examples_dataset, tokenize
+    from keras_tune.data.tokens import examples_dataset, tokenize
 
     return int(len(tokenize(examples_dataset([([t], [1.0]) for t in texts]), tokenizer).ids))
 

@@ -5,7 +5,7 @@ what XLA's compiled Keras train step says it needs on one device
 (`compiled.memory_analysis()`: arguments + outputs - donated aliases + temporaries).
 The train step is the one `fit` runs (`model.train_step` under `jax.jit` with the
 state donated, as Keras jits it), on a model built abstractly under the plan's
-distribution and compiled as `keras_tune.training.compile_model` compiles it, lowered
+distribution and compiled as `keras_tune.losses.compile_training` compiles it for `fit`, lowered
 with `jax.ShapeDtypeStruct`s: no weight is allocated, so the real Gemma 3 270M
 needs no download and no memory. XLA here is the CPU compiler on simulated
 devices, under its default schedule (keras_tune's own CPU runs ask for the
@@ -15,7 +15,7 @@ no `B H T T` scores), so on an accelerator the same script also reads
 
 A second table gives the planner's verdicts for the main presets (LoRA rank 4,
 the preset's batch and precision) on v5e-8, v3-8, 8xH100 and one L4: the table
-of README's "Scaling out".
+of docs/scaling.md.
 
 Usage:
 
@@ -91,7 +91,7 @@ def compiled_memory(config, devices=None, cpu_schedule="CPU_SCHEDULER_TYPE_DEFAU
     """Per-device bytes XLA reports for the compiled train step `fit` would run for `config`.
 
     The model is built and compiled as `fit` does (`build_model`, then
-    `compile_model`: remat, quantized base, the sparse-loss trainer and all);
+    `compile_training`: remat, quantized base, the sparse-loss trainer and all);
     its train step is jitted as Keras jits it (state donated) and lowered with
     `jax.ShapeDtypeStruct`s of a batch, so no step runs.
 
@@ -113,12 +113,13 @@ def compiled_memory(config, devices=None, cpu_schedule="CPU_SCHEDULER_TYPE_DEFAU
     import keras
 
     from keras_tune.environment import cpu_schedule_options
-    from keras_tune.training import compile_model
+    from keras_tune.losses import compile_training
     from keras_tune.models.loader import build_model
+    from keras_tune.optim import build_optimizer
 
     try:
         built = build_model(config, lora=True, devices=devices)
-        trainer = compile_model(built.causal_lm, config, total_steps=100)
+        trainer = compile_training(built.causal_lm, config.train, build_optimizer(config.optimizer, total_steps=100))
         distribution = keras.distribution.distribution()
         data = _batch_specs(config, distribution)
         trainer._symbolic_build(data_batch=data)  # builds the compiled metrics, as fit does
@@ -155,14 +156,15 @@ def measured_peak(config, steps=3):
     import keras
     import numpy as np
 
-    from keras_tune.training import compile_model
+    from keras_tune.losses import compile_training
     from keras_tune.models.loader import build_model
+    from keras_tune.optim import build_optimizer
 
     device = jax.devices()[0]
     if device.platform == "cpu" or not hasattr(device, "memory_stats"):
         return None
     built = build_model(config, lora=True)
-    trainer = compile_model(built.causal_lm, config, total_steps=steps)
+    trainer = compile_training(built.causal_lm, config.train, build_optimizer(config.optimizer, total_steps=steps))
     batch, seq = config.data.batch_size * steps, config.data.seq_len
     rng = np.random.default_rng(0)
     ids = rng.integers(3, built.causal_lm.backbone.vocabulary_size, size=(batch, seq)).astype("int32")
@@ -194,7 +196,7 @@ def _devices(mesh):
 
 def compiled_rows(cases):
     """Planned and compiled per-device bytes of each `(preset, mesh, overrides)` case."""
-    from keras_tune.memory import plan_memory
+    from keras_tune.memory.plan import plan_memory
 
     rows = []
     for preset, mesh, overrides in cases:
@@ -214,7 +216,7 @@ def compiled_rows(cases):
 
 def verdict_rows():
     """The planner's verdict for each main preset (LoRA rank 4, its batch and precision) on each device."""
-    from keras_tune.memory import plan_memory
+    from keras_tune.memory.plan import plan_memory
 
     rows = []
     for preset in VERDICT_PRESETS:

@@ -118,9 +118,10 @@ def plain_side(job):
     )
     if real:
         # Weights only through keras_tune's GGUF importer (keras-hub reads no GGUF).
-        from keras_tune.models import gguf
+        from keras_tune.models.gguf.load import load_gguf_causal_lm
+        from keras_tune.models.gguf.registry import registry_gguf_path
 
-        causal_lm = gguf.load_gguf_causal_lm(gguf.registry_gguf_path(), sequence_length=job["seq_len"])
+        causal_lm = load_gguf_causal_lm(registry_gguf_path(), sequence_length=job["seq_len"])
         preprocessor = causal_lm.preprocessor
     else:
         # Offline tokenizer only: the same one the tiny preset uses.

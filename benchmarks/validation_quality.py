@@ -49,12 +49,12 @@ def evaluate_row(data_path, examples, overrides, devices=None):
         "data.batch_size": 2, "data.batching": "pad", "data.validation_fraction": 0.25,
         "data.max_examples": examples, "train.steps": 1, "train.sample_prompts": (), **overrides,
     })
-    causal_lm = build_model(config, lora=True, devices=devices).causal_lm
-    data, total = training.setup_data(config, causal_lm.preprocessor.tokenizer)
-    trainer = training.compile_model(causal_lm, config, total)
-    with training.detached_preprocessor(trainer):
-        result = trainer.evaluate(data.validation, verbose=0, return_dict=True)
-    tokens = sum(float(np.sum(w > 0)) for _, _, w in data.validation.as_numpy_iterator())
+    state = training.RunState(config=config, causal_lm=build_model(config, lora=True, devices=devices).causal_lm)
+    training.setup_data(state)
+    training.compile_model(state)
+    with training.detached_preprocessor(state.trainer):
+        result = state.trainer.evaluate(state.data.validation, verbose=0, return_dict=True)
+    tokens = sum(float(np.sum(w > 0)) for _, _, w in state.data.validation.as_numpy_iterator())
     return result["loss"], result["perplexity"], result["accuracy"], tokens
 
 

@@ -1,6 +1,6 @@
 """Training-time reporting as Keras callbacks (and nothing else).
 
-`keras_tune.fit.run` hands these to keras `fit`, in this order (each reads what
+`keras_tune.training.run` hands these to keras `fit`, in this order (each reads what
 the ones before it wrote into the same `logs` dict):
 
 - `CommittedState`: before each epoch, the model's, optimizer's and metrics'
@@ -293,7 +293,7 @@ class Samples(keras.callbacks.Callback):
         prompts: prompt strings.
         path: the samples file.
         generate: `(model, prompts) -> texts`; it gets the model with the
-            weights `fit` holds synced into it (`keras_tune.fit` passes
+            weights `fit` holds synced into it (`keras_tune.training` passes
             `keras_tune.decoding.generate_texts` with the detached preprocessor).
         every: steps between samples (0 = before and after only).
         log: where to echo the samples (None = quiet).

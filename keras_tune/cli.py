@@ -94,7 +94,8 @@ def parse_set_flags(items):
 def overrides_from_args(args, flags=()):
     """Collects the config-field flags that were given (and `--set`) into dotted overrides.
 
-    `--weights FILE` also switches the model source to GGUF (a Gemma 3 file).
+    `--weights FILE` also switches the model source to GGUF (a Gemma 3 file: the
+    family with a GGUF importer).
 
     Args:
         args: parsed arguments of a `tool_parser`.
@@ -106,7 +107,10 @@ def overrides_from_args(args, flags=()):
         if value is not None and not (kind is bool and value is False):
             overrides[field] = tuple(value) if isinstance(value, list) else value
     if overrides.get("model.weights"):
-        overrides.update({"model.source": "gguf", "model.family": "gemma3"})
+        from keras_tune.models import families
+
+        readers = families.for_source("gguf")  # the family whose GGUF files --weights loads
+        overrides.update({"model.source": "gguf", "model.family": readers[0].name})
     overrides.update(parse_set_flags(getattr(args, "set", [])))
     return overrides
 

@@ -24,26 +24,9 @@ from pathlib import Path
 import ml_collections
 
 from keras_tune.errors import UserError
+from keras_tune.models import families
 
 DEFAULT_PRESET = "gemma3_270m_offline"
-FAMILIES = ("gemma", "gemma2", "gemma3", "recurrentgemma")
-# flax: the official RecurrentGemma checkpoints (Flax/Orbax), from Kaggle or a directory.
-SOURCES = ("kaggle", "local", "tiny", "gguf", "flax")
-RECURRENTGEMMA_SOURCES = ("flax", "tiny", "local")
-# RecurrentGemma (keras_tune.models.recurrent_gemma) keeps Gemma's attention and
-# MLP names and adds its recurrent block's projections (linear_*).
-LORA_TARGETS = (
-    "query",
-    "key",
-    "value",
-    "attention_output",
-    "ffw_gating",
-    "ffw_gating_2",
-    "ffw_linear",
-    "linear_x",
-    "linear_y",
-    "linear_out",
-)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 RECIPES = ("imdb", "mtnt", "code", "text", "chat")
@@ -66,11 +49,13 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
             "preset": "",
             "description": "",
             "model": {
-                # gemma | gemma2 | gemma3: picks the keras-hub classes and layouts.
-                "family": "gemma",
+                # A registered family (keras_tune.models.families): picks the
+                # classes, sources, LoRA targets, layouts and exports.
+                "family": "",
                 # kaggle: keras-hub handle through kagglehub; local: a keras-hub
                 # preset directory; tiny: random init + offline tokenizer;
-                # gguf: weights imported from a GGUF file.
+                # gguf: weights imported from a GGUF file (Gemma 3); flax: the
+                # official RecurrentGemma checkpoints.
                 "source": "kaggle",
                 "handle": "",
                 # A .gguf path, or "registry" for the Gemma 3 270M package.
@@ -306,14 +291,8 @@ def validate(config):
         config.data,
         config.train,
     )
-    _check(model.family in FAMILIES, f"model.family '{model.family}' is not supported; expected one of {FAMILIES}")
-    _check(model.source in SOURCES, f"model.source '{model.source}' is not supported; expected one of {SOURCES}")
-    if model.family == "recurrentgemma" or model.source == "flax":
-        _check(
-            model.family == "recurrentgemma" and model.source in RECURRENTGEMMA_SOURCES,
-            f"preset '{config.preset}': model.family {model.family} with model.source {model.source}; "
-            f"expected family recurrentgemma with a source of {RECURRENTGEMMA_SOURCES}",
-        )
+    family = families.get(model.family)
+    _check_source(config.preset, family, model.source)
     if model.source in ("kaggle", "local", "flax"):
         _check(bool(model.handle), f"preset '{config.preset}' has source {model.source} but no model.handle")
     if model.source == "gguf":
@@ -334,8 +313,9 @@ def validate(config):
         _check(batch > 0 and model_axis > 0, f"--mesh {dist.mesh}: both axes must be at least 1, e.g. 1x8")
     _check(dist.simulate_devices >= 0, f"--simulate-devices {dist.simulate_devices}: expected 0 (off) or a positive count")
     _check(lora.rank >= 0, f"--lora-rank {lora.rank}: expected 0 (full fine-tuning) or a positive rank such as 4")
-    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
-    _check(not unknown, f"--lora-targets: unknown {unknown}; expected a comma list of {','.join(LORA_TARGETS)}")
+    unknown = [t for t in lora.targets if t not in family.lora_targets]
+    _check(not unknown, f"--lora-targets: unknown {unknown} for {family.name} models; "
+                        f"expected a comma list of {','.join(family.lora_targets)}")
     _check(len(lora.targets) > 0 or lora.rank == 0, "--lora-targets is empty; expected e.g. query,value")
     _check(lora.alpha >= 0, f"lora.alpha {lora.alpha}: expected >= 0 (0 means alpha = rank)")
     _validate_training(lora, opt, data, train)
@@ -353,6 +333,18 @@ def validate(config):
         f"preset '{config.preset}' has no model.arch numbers; expected keras-hub backbone arguments",
     )
     return config
+
+
+def _check_source(preset, family, source):
+    """A family loads from its own sources; another family's source says which family has it."""
+    if source in family.sources:
+        return
+    owners = [other.name for other in families.for_source(source)]
+    if not owners:
+        everything = sorted({s for name in families.names() for s in families.get(name).sources})
+        raise UserError(f"model.source '{source}' is not supported; expected one of {', '.join(everything)}")
+    raise UserError(f"preset '{preset}': model.source {source} is not a source of {family.name} models "
+                    f"({', '.join(family.sources)}); expected family {' or '.join(owners)} for {source}")
 
 
 def _validate_training(lora, opt, data, train):

@@ -28,6 +28,7 @@ from importlib import util as importlib_util
 from pathlib import Path
 
 from keras_tune.errors import UserError
+from keras_tune.models import families
 
 MESH_AXES = ("batch", "model")
 
@@ -469,7 +470,8 @@ def plan_sharding(config, variables, devices=None):
         devices: devices for the mesh; defaults to all.
     """
     mesh = make_mesh(config.distribution.mesh, devices)
-    layout = load_layout(config.distribution.layout or f"{config.model.family}_tp", config.model.family)
+    family = families.get(config.model.family)
+    layout = load_layout(config.distribution.layout or family.layout("tp"), family.name)
     placements = resolve_layout(layout, variables, dict(zip(mesh.axis_names, mesh.shape)))
     if config.data.batch_size % mesh.shape[0]:
         raise UserError(

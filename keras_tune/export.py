@@ -28,7 +28,7 @@ Exit codes: 0 done, 2 a user error (one `error:` line on stderr).
 
 import sys
 
-from keras_tune import cli
+from keras_tune import cli, rundir
 from keras_tune.errors import UserError
 
 GGUF_DTYPES = ("f32", "f16")
@@ -61,26 +61,25 @@ def check_outputs(args, config):
         args: the parsed arguments.
         config: the validated config they describe.
     """
-    from keras_tune.models.export import family_export_problem, refuse_existing
+    from keras_tune.models.exports.transformers import family_export_problem
 
     outputs = _outputs(args)
     if not outputs:
         raise UserError("nothing to export; expected at least one of --gguf, --transformers, --peft, --keras-preset")
     problem = family_export_problem(config, list(outputs))
-    if problem:  # e.g. RecurrentGemma: a keras-hub preset only
+    if problem:  # e.g. RecurrentGemma: a keras-hub preset only; GGUF: Gemma 3 only
         raise UserError(problem)
     if args.peft and not config.model.adapter:
         raise UserError("--peft needs --adapter FILE: the PEFT layout holds an adapter, and none was given")
-    if args.gguf and config.model.family != "gemma3":
-        raise UserError(f"--gguf: preset {config.preset} is a {config.model.family} model; expected a Gemma 3 preset")
     for flag, path in outputs.items():
-        refuse_existing(path, flag)
+        rundir.refuse_existing(path, flag)
 
 
 def run_export(args, log=cli.log_stderr):
     """What the CLI does, given parsed arguments; returns `{flag: path written}`."""
     from keras_tune.lora import merge_lora
-    from keras_tune.models import export, gguf
+    from keras_tune.models.exports.gguf import export_gguf
+    from keras_tune.models.exports.transformers import export_transformers
     from keras_tune.models.loader import build_model
 
     config = cli.load_tool_config(args)
@@ -97,9 +96,9 @@ def run_export(args, log=cli.log_stderr):
         causal_lm.save_to_preset(args.keras_preset)
         written["--keras-preset"] = args.keras_preset
     if args.transformers:
-        written["--transformers"] = export.export_transformers(causal_lm, args.transformers)
+        written["--transformers"] = export_transformers(causal_lm, args.transformers)
     if args.gguf:
-        written["--gguf"] = gguf.export_gguf(causal_lm, args.gguf, dtype=args.gguf_dtype)
+        written["--gguf"] = export_gguf(causal_lm, args.gguf, dtype=args.gguf_dtype)
     for flag, path in written.items():
         print(f"{flag.removeprefix('--')}: {path}")
     return written

@@ -6,7 +6,7 @@ gradient with respect to activations, and weight gradients only where weights
 train: 6 N for full fine-tuning, as in PaLM's definition) plus
 `12 * layers * seq_len * heads * head_dim` for attention (no causal or sliding
 window discount, so an upper bound there), divided by the peak dense bf16 FLOP/s
-of the devices (`PEAK_TFLOPS`, or `--peak-tflops` per device).
+of the devices (`keras_tune.memory.devices`, or `--peak-tflops` per device).
 
 RecurrentGemma (Griffin) attends only in its local-attention blocks (one in
 three), and a query there sees at most `attention_window_size + 1` keys (the
@@ -26,37 +26,8 @@ mfu = tokens_per_second * per_token / peak
 ```
 """
 
-import re
-
-# Dense bf16 peak TFLOP/s of one JAX device (a TPU v2/v3 device is one core, half
-# a chip; v4 and later expose one device a chip). First match on device_kind wins.
-PEAK_TFLOPS = (
-    (r"TPU v2", 22.5),
-    (r"TPU v3", 61.5),
-    (r"TPU v4", 275.0),
-    (r"TPU v5 ?(lite|e)", 197.0),
-    (r"TPU v5", 459.0),  # v5p
-    (r"TPU v6", 918.0),  # v6e (Trillium)
-    (r"H100.*PCIe", 756.0),
-    (r"H100|H200|GH200", 989.0),
-    (r"A100", 312.0),
-    (r"L40S", 362.0),
-    (r"\bL4\b", 121.0),
-    (r"\bT4\b", 65.0),  # float16: a T4 has no bfloat16 units
-    (r"V100", 125.0),  # float16
-)
-
-
-def peak_tflops_per_device(device_kind):
-    """Dense bf16 peak TFLOP/s of a device from its `device_kind`, or 0.0 if unknown.
-
-    Args:
-        device_kind: `jax.devices()[0].device_kind`, e.g. "TPU v4" or "NVIDIA H100 80GB HBM3".
-    """
-    for pattern, tflops in PEAK_TFLOPS:
-        if re.search(pattern, device_kind or "", flags=re.IGNORECASE):
-            return tflops
-    return 0.0
+from keras_tune.memory.devices import peak_tflops_per_device
+from keras_tune.models import families
 
 
 def peak_flops(devices, peak_tflops=0.0):
@@ -92,21 +63,16 @@ def flops_per_token(total_params, trainable_params, num_layers, attention_width,
 
 
 def attention_span(backbone, seq_len):
-    """`(blocks that attend, keys a query attends over)` of a backbone.
+    """`(blocks that attend, keys a query attends over)` of a backbone, as its family counts them.
 
     Gemma: every block, over the whole sequence. RecurrentGemma: its
     "attention" blocks only, over at most its window (see the module docstring).
 
     Args:
-        backbone: a keras-hub Gemma backbone or a `RecurrentGemmaBackbone`.
+        backbone: a backbone of a registered family.
         seq_len: tokens per training sequence.
     """
-    layers = int(getattr(backbone, "num_layers", 0))
-    pattern = tuple(getattr(backbone, "block_types", ()) or ())
-    if not pattern:
-        return layers, seq_len
-    attending = sum(1 for index in range(layers) if pattern[index % len(pattern)] == "attention")
-    return attending, min(seq_len, int(backbone.attention_window_size) + 1)
+    return families.of_model(backbone).attention_span(backbone, seq_len)
 
 
 def model_flops_per_token(backbone, seq_len):

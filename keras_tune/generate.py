@@ -6,7 +6,7 @@ at `<end_of_turn>` (`keras_tune.decoding`); `--raw` sends prompts as they are.
 Each result is printed as `>>> prompt`, then the generated text (the prompt
 itself stripped). `--merge OUT_DIR` folds the adapter into the base weights and
 writes a keras-hub preset plus, where keras-hub can convert the model, a
-Transformers directory `OUT_DIR/transformers` (`keras_tune.models.export`);
+Transformers directory `OUT_DIR/transformers` (`keras_tune.models.exports`);
 `python -m keras_tune.export` writes GGUF and PEFT files too.
 
 Examples:
@@ -54,7 +54,7 @@ def _read_stdin_prompts():
 
 def run_generate(args, log=print):
     """What the CLI does, given parsed arguments; returns the list of generated texts."""
-    from keras_tune.models.export import merge_and_export
+    from keras_tune.models.exports.keras_preset import merge_and_export
     from keras_tune.models.loader import build_model
 
     if args.max_length < 2:

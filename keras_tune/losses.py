@@ -24,24 +24,18 @@ of the positions. With `train.loss = "sparse"` (the default):
 The head is the model's tied embedding table (`TiedHead`) with keras-hub's
 formulas for Gemma 2's final soft-cap, reverse dtypes and Keras' int8 scales,
 contracting the table's own last axis (keras-hub's transpose makes CPU XLA keep a
-transposed copy of the table), and a hand-written gradient (`_table_nll`). The
-blocks cost no FLOPs (the backward pass recomputes the logits either way); on
-the 270M on CPU (2 x 128 tokens) a step took 2.5-2.7 s with blocks and 2.5-3.05 s
-without in probes (run-to-run noise is that large), with 392 against 633 MiB of
-XLA temporaries. An int8 table is converted to float one
-block at a time. Other heads (int4) go through keras-hub's
-`token_embedding(reverse=True)`, a chunk at a time under `jax.checkpoint`.
-Alternatives looked at: tokamax's `linear_softmax_cross_entropy_loss` (no
-soft-cap, no weights), `jax-cce`, and Levanter's fused cross-entropy (part of
-Levanter's model code); a `lax.map` under `jax.checkpoint` is short, exact and
-runs on every backend.
+transposed copy of the table), and a hand-written gradient (`_table_nll`). An
+int8 table is converted to float one block at a time. Other heads (int4) go
+through keras-hub's `token_embedding(reverse=True)`, a chunk at a time under
+`jax.checkpoint`. What this costs and saves, and the alternatives looked at, are
+in BENCHMARKS.md ("The loss path").
 
 Example:
 
 ```python
-trainer = SparseLossModel(causal_lm, chunk_tokens=512)
-compile_training(trainer, optimizer, pad_id)
-trainer.fit(with_loss_positions(bundle.train), ...)
+trainer = compile_training(causal_lm, config.train, keras_tune.build_optimizer(config.optimizer, total_steps=100))
+bundle = with_loss_positions_for(bundle, config.train)   # adds each batch's loss positions
+trainer.fit(bundle.train_stream(), steps_per_epoch=100)   # with causal_lm.preprocessor = None
 ```
 """
 
@@ -546,3 +540,76 @@ class NllPerplexity(keras.metrics.Metric):
 def position_accuracy(y_true, y_pred):
     """Whether the argmax at each position was the target (1.0) or not (0.0)."""
     return y_pred[..., 1]
+
+
+def compile_training(causal_lm, train_config, optimizer):
+    """Compiles the model `fit` trains: the token-mean loss, accuracy, perplexity and token counts.
+
+    The loss is the mean over target tokens (sample weights), so exp(loss) is a
+    perplexity; the perplexity metric is exact over a whole evaluation
+    (token-weighted, not a mean of batch means). With `train.loss = "sparse"` the
+    model is a `SparseLossModel` around the CausalLM (same variables, same
+    figures, logits only where the loss is); with "full", the CausalLM itself
+    (keras-hub's plain path). The CausalLM keeps a greedy sampler for samples.
+
+    Args:
+        causal_lm: the run's CausalLM (LoRA already applied).
+        train_config: the `train` section of the run config (`loss`, `loss_chunk_tokens`).
+        optimizer: a Keras optimizer (`keras_tune.optim.build_optimizer`); built here.
+
+    Returns:
+        The model to `fit` and `evaluate`: the CausalLM, or its `SparseLossModel`.
+    """
+    import keras_hub
+
+    from keras_tune.metrics import TokenCount
+
+    pad_id = int(causal_lm.preprocessor.tokenizer.pad_token_id)
+    counts = [TokenCount(pad_id), TokenCount(pad_id, non_pad=True)]
+    if train_config.loss == "sparse":
+        causal_lm.compile(sampler="greedy")  # for samples; the trainer below does the training
+        trainer = SparseLossModel(causal_lm, train_config.loss_chunk_tokens)
+        trainer.compile(
+            optimizer=optimizer,
+            loss=PositionNll(),
+            weighted_metrics=[
+                keras.metrics.MeanMetricWrapper(position_accuracy, name="accuracy"),
+                NllPerplexity(name="perplexity"),
+            ],
+            metrics=counts,
+        )
+    else:
+        trainer = causal_lm
+        causal_lm.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
+            weighted_metrics=[
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                keras_hub.metrics.Perplexity(from_logits=True, name="perplexity"),
+            ],
+            metrics=counts,
+            sampler="greedy",
+        )
+    optimizer.build(trainer.trainable_variables)
+    return trainer
+
+
+def with_loss_positions_for(data, train_config):
+    """A run's batches as its loss needs them: with "sparse", each batch gets its loss positions.
+
+    Train, validation and every training stream of the bundle alike, in the
+    layout `loss_positions_layout` picks from the data report and the base.
+
+    Args:
+        data: a `keras_tune.data.DataBundle`.
+        train_config: the `train` section of the run config (`loss`, `quantize`).
+
+    Returns:
+        The bundle (mapped in place).
+    """
+    import functools
+
+    if train_config.loss == "sparse":
+        layout = loss_positions_layout(data.report.loss_fraction, quantized=bool(train_config.quantize))
+        data.map(functools.partial(with_loss_positions, layout=layout))
+    return data

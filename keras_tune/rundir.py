@@ -15,10 +15,14 @@ rundir.plot_losses("runs/.../metrics.csv", "loss.png", title="gemma_tiny")
 
 import contextlib
 import csv
+import glob
 import math
 import os
 import re
+import time
 from pathlib import Path
+
+from keras_tune.errors import UserError
 
 CSV_COLUMNS = (
     "step",
@@ -69,6 +73,18 @@ def atomic_write(path, suffix=""):
     finally:
         if partial.exists():
             partial.unlink()
+
+
+def refuse_existing(path, flag):
+    """Refuses an output that exists and is not empty, before any model is built.
+
+    Args:
+        path: a directory or file the export would write.
+        flag: the command-line flag naming it, for the message.
+    """
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+        raise UserError(f"{flag} {path}: the directory exists and is not empty; expected a new directory"
+                        if os.path.isdir(path) else f"{flag} {path}: the file exists; expected a new path")
 
 
 def write_text(path, text):
@@ -314,3 +330,72 @@ def plot_losses(csv_path, png_path, title=""):
         figure.savefig(partial)
     pyplot.close(figure)
     return png_path
+
+
+# ---------------------------------------------------------------------------
+# The run directory itself.
+
+
+def default_output_dir(config):
+    """`runs/<preset>-<date>-<time>`.
+
+    Args:
+        config: the run config.
+    """
+    return os.path.join("runs", f"{config.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def resolve_output_dir(config):
+    """The run directory: `--output-dir`, else with `--resume` the newest `runs/<preset>-*` holding checkpoints.
+
+    Args:
+        config: the run config.
+    """
+    train_config = config.train
+    if train_config.output_dir:
+        return train_config.output_dir
+    if train_config.resume:
+        pattern = os.path.join("runs", f"{config.preset or 'custom'}-*")
+        candidates = [d for d in glob.glob(pattern) if os.path.isdir(os.path.join(d, "checkpoints"))]
+        if not candidates:
+            raise UserError(
+                f"--resume: no run of preset {config.preset} under runs/ holds a checkpoint; "
+                "expected --output-dir DIR naming the run to continue"
+            )
+        return max(candidates, key=os.path.getmtime)
+    return default_output_dir(config)
+
+
+def check_output_dir(output_dir):
+    """Refuses a run directory that cannot be written, before anything is built or written.
+
+    Args:
+        output_dir: the run directory.
+
+    Returns:
+        `output_dir`.
+    """
+    flag = f"--output-dir {output_dir}"
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{flag}: is a file; expected a directory (new, or a run to continue)")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag}: cannot create it ({existing} is a file); expected a directory you can write")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot create it ({existing} is not writable); expected a directory you can write")
+    return output_dir
+
+
+def make_run_dir(output_dir):
+    """Creates the run directory, or says in one line why it cannot.
+
+    Args:
+        output_dir: the run directory.
+    """
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:  # no permission, a read-only disk: what os.access cannot tell root
+        raise UserError(f"--output-dir {output_dir}: cannot create it ({error.strerror or error}); "
+                        "expected a directory you can write")

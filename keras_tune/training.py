@@ -1,11 +1,12 @@
-"""The training path (library code): `run(config)` fine-tunes a Gemma preset end to end.
+"""The training path (library code): `run(config)` fine-tunes a preset end to end.
 
-`run` reads as the path data takes, one named step a function: plan (mesh,
-layout, memory on shapes only) -> the run directory -> build the model under
-its distribution -> data -> compile -> resume -> keras `fit` with the
-callbacks -> finish (loss picture, adapter). A notebook calls the same
-functions the command line does (`python -m keras_tune.fit`, `keras_tune/fit.py`,
-only turns flags into a config and calls `run`):
+`run` reads as the path data takes, one named step a function, each taking the
+one `RunState` the steps before it filled in: plan (mesh, layout, memory on
+shapes only) -> the run directory -> build the model under its distribution ->
+data -> compile -> resume -> keras `fit` with the callbacks -> finish (loss
+picture, adapter). A notebook calls the same functions the command line does
+(`python -m keras_tune.fit`, `keras_tune/fit.py`, only turns flags into a config
+and calls `run`):
 
 ```python
 import keras_tune
@@ -19,38 +20,60 @@ A run directory holds `config.json`, `metrics.csv`, `tensorboard/`,
 `model.weights.h5` when `--lora-rank 0`); see `keras_tune.rundir`. Running again
 into a directory that holds checkpoints continues from the newest good one:
 the same final weights and metrics as a run that was never interrupted.
-
-Examples:
-
-```
-python -m keras_tune.fit                                               # offline Gemma 3 270M
-python -m keras_tune.fit --preset gemma_7b_en --lora-rank 4 --mesh 1x8   # Kaggle TPU v3-8 / v5e-8
-python -m keras_tune.fit --preset gemma2_9b_en --mesh 2x4 --layout gemma2_fsdp
-python -m keras_tune.fit --preset gemma_7b_en --mesh 1x8 --simulate-devices 8 --dry-run
-python -m keras_tune.fit --output-dir runs/mine --save-every 50     # killed? the same line continues it
-python -m keras_tune.fit --preset gemma_tiny --resume                  # continue the newest runs/gemma_tiny-*
-```
-
-Exit codes: 0 done, 2 a user error (one `error:` line on stderr), 3 the loss
-became NaN/inf (the last good checkpoint is kept), 4 a checkpoint or adapter
-could not be written (the previous ones are intact), 130 interrupted, 143
-stopped by SIGTERM after writing a checkpoint (rerun to continue).
+Failures are `keras_tune.errors`' kinds (a `UserError` before anything is
+built; `LossNotFinite`, `WriteFailed`, `Preempted` once it runs).
 """
 
 import contextlib
 import dataclasses
-import functools
-import glob
 import json
 import math
 import os
-import shutil
 import sys
-import time
 
 from keras_tune import config as config_lib
 from keras_tune import rundir
 from keras_tune.errors import LossNotFinite, UserError, WriteFailed
+from keras_tune.models import families
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything one run is, filled in by its steps in order.
+
+    Attributes:
+        config: the validated run config.
+        output_dir: the run directory ("" for a dry run).
+        callbacks: extra keras callbacks the caller passed.
+        plan: the sharding plan (`plan_run`).
+        planned: the planned trainable report of the abstract model.
+        store: the run's `CheckpointStore`.
+        identity: what a checkpoint must match (`checkpoint_identity`).
+        causal_lm: the built CausalLM (`build`).
+        trainable: its trainable report.
+        data: the `DataBundle` (`setup_data`).
+        total_steps: optimizer steps of the whole run.
+        trainer: the compiled model `fit` runs (`compile_model`).
+        initial_step: the step the run continues from (0 when fresh).
+        progress: the callbacks' shared `Progress` (`fit_steps`).
+        history: keras' history dict.
+    """
+
+    config: object
+    output_dir: str = ""
+    callbacks: tuple = ()
+    plan: object = None
+    planned: dict = None
+    store: object = None
+    identity: dict = None
+    causal_lm: object = None
+    trainable: dict = None
+    data: object = None
+    total_steps: int = 0
+    trainer: object = None
+    initial_step: int = 0
+    progress: object = None
+    history: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -84,64 +107,44 @@ def run(config, devices=None, callbacks=()):
     """
     from keras_tune.checkpoint import CheckpointStore
     from keras_tune.data import check_data
+    from keras_tune.distribution import start_processes
     from keras_tune.models.loader import check_source
 
-    from keras_tune.distribution import start_processes
-
-    output_dir = None if config.run.dry_run else check_output_dir(resolve_output_dir(config))
+    state = RunState(config=config, callbacks=tuple(callbacks))
+    if not config.run.dry_run:
+        state.output_dir = rundir.check_output_dir(rundir.resolve_output_dir(config))
     start_processes(config)  # before anything touches a device
-    plan, planned = plan_run(config, devices)
+    plan_run(state, devices)
     if config.run.dry_run:
-        return RunResult(output_dir="", plan=plan, trainable=planned)
+        return RunResult(output_dir="", plan=state.plan, trainable=state.planned)
     check_source(config)
     check_data(config.data)  # a wrong --data-path costs no model load and leaves no run directory
-    store = CheckpointStore(output_dir, keep=config.train.keep_checkpoints)
+    state.store = CheckpointStore(state.output_dir, keep=config.train.keep_checkpoints)
     try:
-        identity = prepare_run_dir(config, plan, store, output_dir)
-        return train(config, plan, store, identity, output_dir, callbacks)
+        prepare_run_dir(state)
+        return train(state)
     finally:
-        store.close()
+        state.store.close()
 
 
-def train(config, plan, store, identity, output_dir, callbacks=()):
+def train(state):
     """`run` from the model on: build, data, compile, resume, fit, finish.
 
     Args:
-        config: the validated run config.
-        plan: its sharding plan (`plan_run`).
-        store: the run's `CheckpointStore`.
-        identity: what a checkpoint must match (`checkpoint_identity`).
-        output_dir: the run directory (already holding `config.json`).
-        callbacks: extra keras callbacks.
+        state: a `RunState` with its plan, store, identity and run directory.
     """
-    import jax
-
-    from keras_tune.environment import release_freed_memory, release_memory_after_compiles
-    from keras_tune.lora import format_report, trainable_report
-    from keras_tune.models.loader import build_model
-
-    release_memory_after_compiles()  # the compiler's freed heap is not the training step's
-    built = build_model(config, lora=True, plan=plan)
-    # Loading and quantizing compiled an executable for every eager op and
-    # shape it met (~50 MiB on the 270M with --quantize int8), never run
-    # again; dropped before the train step compiles. (Every jitted function in
-    # the process recompiles at its next call: in a notebook, once.)
-    jax.clear_caches()
-    release_freed_memory()
-    causal_lm, trainable = built.causal_lm, trainable_report(built.causal_lm)
-    print(f"model built in {built.seconds:.1f}s: {format_report(trainable)}")
-    data, total_steps = setup_data(config, causal_lm.preprocessor.tokenizer)
-    trainer = compile_model(causal_lm, config, total_steps)
-    initial_step = resume(trainer, config, store, identity, total_steps)
-    restart_logs(output_dir, initial_step)
-    evaluate_before(trainer, data, config, output_dir, initial_step)
-    progress, history = fit_steps(
-        trainer, causal_lm, data, config, plan, store, identity, output_dir, total_steps, initial_step, callbacks
-    )
-    validation = finish(causal_lm, config, store, output_dir, progress, history)
+    build(state)
+    setup_data(state)
+    compile_model(state)
+    resume(state)
+    restart_logs(state)
+    evaluate_before(state)
+    fit_steps(state)
+    validation = finish(state)
     return RunResult(
-        output_dir=output_dir, plan=plan, causal_lm=causal_lm, history=history, trainable=trainable,
-        initial_step=initial_step, final_step=progress.step, validation=validation,
+        output_dir=state.output_dir, plan=state.plan, causal_lm=state.causal_lm, history=state.history,
+        trainable=state.trainable, initial_step=state.initial_step, final_step=state.progress.step,
+        validation=validation,
     )
 
 
@@ -149,29 +152,29 @@ def train(config, plan, store, identity, output_dir, callbacks=()):
 # 1. Plan on shapes only: mesh, layout and memory are checked before any weight exists.
 
 
-def plan_run(config, devices=None):
+def plan_run(state, devices=None):
     """Plans the sharding on an abstract model and prints it; with `--dry-run`, the memory too.
 
     Args:
-        config: the validated run config.
+        state: the run's `RunState` (its `plan` and `planned` are set here).
         devices: devices for the mesh (default: all).
-
-    Returns:
-        `(plan, planned trainable report)`.
     """
     from keras_tune.distribution import format_bytes, plan_sharding
     from keras_tune.lora import format_report, trainable_report
+    from keras_tune.memory.figures import covers
+    from keras_tune.memory.plan import format_memory_report, plan_memory
     from keras_tune.models.loader import abstract_model
     from keras_tune.optim import optimizer_slots
 
+    config = state.config
     context = trained_context_length(config)
     if config.data.seq_len > context:
         print(f"warning: --seq-len {config.data.seq_len} is beyond the {context} tokens {config.preset} was trained "
               "on; positions past it are untrained extrapolation", file=sys.stderr)
     abstract = abstract_model(config)
-    plan = plan_sharding(config, abstract.weights, devices=devices)
-    planned = trainable_report(abstract)
-    print(f"preset {config.preset}: {format_report(planned)}")
+    plan = state.plan = plan_sharding(config, abstract.weights, devices=devices)
+    state.planned = trainable_report(abstract)
+    print(f"preset {config.preset}: {format_report(state.planned)}")
     print(f"mesh {plan.mesh.shape} over {len(plan.mesh.devices.flatten())} devices, layout {plan.layout.name}")
     if config.run.show_sharding or config.run.dry_run:
         print(plan.table())
@@ -181,67 +184,8 @@ def plan_run(config, devices=None):
             "per device: base weights {frozen}, trainable weights {trainable}, optimizer state {optimizer} "
             "(of which replicated {replicated})".format(**{k: format_bytes(v) for k, v in memory.items()})
         )
-        from keras_tune.memory import PLANNED_FAMILIES, format_memory_report, plan_memory
-
-        if config.model.family in PLANNED_FAMILIES:
+        if covers(families.get(config.model.family)):  # else the sharding figures above are the plan
             print(format_memory_report(plan_memory(config, plan)))
-    return plan, planned
-
-
-# ---------------------------------------------------------------------------
-# 2. The run directory.
-
-
-def default_output_dir(config):
-    """`runs/<preset>-<date>-<time>`."""
-    return os.path.join("runs", f"{config.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def resolve_output_dir(config):
-    """The run directory: `--output-dir`, else with `--resume` the newest `runs/<preset>-*` holding checkpoints."""
-    train_config = config.train
-    if train_config.output_dir:
-        return train_config.output_dir
-    if train_config.resume:
-        pattern = os.path.join("runs", f"{config.preset or 'custom'}-*")
-        candidates = [d for d in glob.glob(pattern) if os.path.isdir(os.path.join(d, "checkpoints"))]
-        if not candidates:
-            raise UserError(
-                f"--resume: no run of preset {config.preset} under runs/ holds a checkpoint; "
-                "expected --output-dir DIR naming the run to continue"
-            )
-        return max(candidates, key=os.path.getmtime)
-    return default_output_dir(config)
-
-
-def check_output_dir(output_dir):
-    """Refuses a run directory that cannot be written, before anything is built or written.
-
-    Args:
-        output_dir: the run directory.
-
-    Returns:
-        `output_dir`.
-    """
-    flag = f"--output-dir {output_dir}"
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"{flag}: is a file; expected a directory (new, or a run to continue)")
-    existing = os.path.abspath(output_dir)
-    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag}: cannot create it ({existing} is a file); expected a directory you can write")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: cannot create it ({existing} is not writable); expected a directory you can write")
-    return output_dir
-
-
-def _make_run_dir(output_dir):
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as error:  # no permission, a read-only disk: what os.access cannot tell root
-        raise UserError(f"--output-dir {output_dir}: cannot create it ({error.strerror or error}); "
-                        "expected a directory you can write")
 
 
 def trained_context_length(config):
@@ -250,116 +194,113 @@ def trained_context_length(config):
     Args:
         config: the run config.
     """
-    if config.model.family == "gemma3":
-        return 32768 if int(config.model.arch.get("num_layers", 0)) <= 26 else 131072
-    return 8192
-
-
-def prepare_run_dir(config, plan, store, output_dir):
-    """Refuses a checkpoint of another model in `output_dir`, then writes `config.json`.
-
-    Returns:
-        The checkpoint identity of this run.
-    """
-    from keras_tune.checkpoint import check_identity, checkpoint_identity
-
-    identity = checkpoint_identity(config, plan.layout.name)
-    newest_step, newest_meta = store.newest_meta()
-    if newest_meta is not None:
-        check_identity(newest_meta.get("identity", {}), identity, store.path(newest_step))
-    elif config.train.resume and not store.steps():
-        raise UserError(f"--resume: {output_dir} holds no checkpoint; expected the directory of a run that saved one")
-    _make_run_dir(output_dir)
-    if rundir.is_primary():
-        rundir.write_text(os.path.join(output_dir, "config.json"), config_lib.to_json(config))
-    return identity
-
-
-def restart_logs(output_dir, initial_step):
-    """Drops what a killed run logged after its last checkpoint; it is logged again."""
-    if not rundir.is_primary():
-        return
-    rundir.truncate_rows(os.path.join(output_dir, "metrics.csv"), initial_step if initial_step else -1)
-    rundir.truncate_samples(os.path.join(output_dir, "samples.txt"), initial_step if initial_step else -1)
-    if not initial_step:  # a fresh start: no events from an attempt that saved no checkpoint
-        shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
+    family = families.get(config.model.family)
+    return family.context_length(family.backbone_kwargs(config))
 
 
 # ---------------------------------------------------------------------------
-# 3. Data, compile, resume.
+# 2. The run directory.
 
 
-def setup_data(config, tokenizer):
-    """The data set through the shared module, tokenized by the model's tokenizer.
+def prepare_run_dir(state):
+    """Refuses a checkpoint of another model in the run directory, then writes `config.json`.
+
+    Args:
+        state: the run's `RunState` (its `identity` is set here).
+    """
+    from keras_tune.checkpoint import check_identity, checkpoint_identity
+
+    config, store = state.config, state.store
+    state.identity = checkpoint_identity(config, state.plan.layout.name)
+    newest_step, newest_meta = store.newest_meta()
+    if newest_meta is not None:
+        check_identity(newest_meta.get("identity", {}), state.identity, store.path(newest_step))
+    elif config.train.resume and not store.steps():
+        raise UserError(f"--resume: {state.output_dir} holds no checkpoint; "
+                        "expected the directory of a run that saved one")
+    rundir.make_run_dir(state.output_dir)
+    if rundir.is_primary():
+        rundir.write_text(os.path.join(state.output_dir, "config.json"), config_lib.to_json(config))
+
+
+def restart_logs(state):
+    """Drops what a killed run logged after its last checkpoint; it is logged again.
+
+    Args:
+        state: the run's `RunState` (after `resume`).
+    """
+    if not rundir.is_primary():
+        return
+    last = state.initial_step if state.initial_step else -1
+    rundir.truncate_rows(os.path.join(state.output_dir, "metrics.csv"), last)
+    rundir.truncate_samples(os.path.join(state.output_dir, "samples.txt"), last)
+    if not state.initial_step:  # a fresh start: no events from an attempt that saved no checkpoint
+        import shutil
+
+        shutil.rmtree(os.path.join(state.output_dir, "tensorboard"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# 3. The model, the data, compile, resume.
+
+
+def build(state):
+    """Builds the model under the plan's distribution, with LoRA as the config asks.
+
+    Args:
+        state: the run's `RunState` (its `causal_lm` and `trainable` are set here).
+    """
+    import jax
+
+    from keras_tune.environment import release_freed_memory, release_memory_after_compiles
+    from keras_tune.lora import format_report, trainable_report
+    from keras_tune.models.loader import build_model
+
+    release_memory_after_compiles()  # the compiler's freed heap is not the training step's
+    built = build_model(state.config, lora=True, plan=state.plan)
+    # Loading and quantizing compiled an executable for every eager op and
+    # shape it met, never run again; dropped before the train step compiles.
+    # (Every jitted function in the process recompiles at its next call: in a notebook, once.)
+    jax.clear_caches()
+    release_freed_memory()
+    state.causal_lm, state.trainable = built.causal_lm, trainable_report(built.causal_lm)
+    print(f"model built in {built.seconds:.1f}s: {format_report(state.trainable)}")
+
+
+def setup_data(state):
+    """The data set through the shared module, tokenized by the model's tokenizer; the run's length.
 
     With the sparse loss, each batch also carries its loss positions (`keras_tune.losses`).
 
-    Returns:
-        `(DataBundle, total optimizer steps)`.
+    Args:
+        state: the run's `RunState` with its model (its `data` and `total_steps` are set here).
     """
     from keras_tune.data import make_datasets
-    from keras_tune.losses import loss_positions_layout, with_loss_positions
+    from keras_tune.losses import with_loss_positions_for
 
-    data = make_datasets(config.data, tokenizer, seed=config.train.seed)
-    print(data.report.summary())
-    if config.train.loss == "sparse":  # train, validation and the training stream alike
-        layout = loss_positions_layout(data.report.loss_fraction, quantized=bool(config.train.quantize))
-        data.map(functools.partial(with_loss_positions, layout=layout))
+    config = state.config
+    state.data = make_datasets(config.data, state.causal_lm.preprocessor.tokenizer, seed=config.train.seed)
+    print(state.data.report.summary())
+    with_loss_positions_for(state.data, config.train)  # train, validation and the training stream alike
     if config.train.steps:
-        return data, config.train.steps
-    if data.steps_per_epoch:
-        return data, data.steps_per_epoch * config.train.epochs
-    raise UserError("the data set's length is unknown; pass --steps N")
+        state.total_steps = config.train.steps
+    elif state.data.steps_per_epoch:
+        state.total_steps = state.data.steps_per_epoch * config.train.epochs
+    else:
+        raise UserError("the data set's length is unknown; pass --steps N")
 
 
-def compile_model(causal_lm, config, total_steps):
-    """Compiles the model `fit` runs with the optimizer, the token-mean loss and the metrics.
+def compile_model(state):
+    """Compiles the model `fit` runs: the optimizer over the run's length, the loss and metrics.
 
-    The loss is the mean over target tokens (sample weights), so exp(loss) is a
-    perplexity; the perplexity metric is exact over a whole evaluation
-    (token-weighted, not a mean of batch means). With `train.loss = "sparse"`
-    the model fit runs is a `keras_tune.losses.SparseLossModel` around the
-    CausalLM (same variables, same figures, logits only where the loss is).
-
-    Returns:
-        The model to `fit` and `evaluate`: the CausalLM, or its `SparseLossModel`.
+    Args:
+        state: the run's `RunState` with its model and length (its `trainer` is set here).
     """
-    import keras
-    import keras_hub
-
-    from keras_tune import losses
-    from keras_tune.metrics import TokenCount
+    from keras_tune.losses import compile_training
     from keras_tune.optim import build_optimizer
 
-    optimizer = build_optimizer(config.optimizer, total_steps)
-    pad_id = int(causal_lm.preprocessor.tokenizer.pad_token_id)
-    counts = [TokenCount(pad_id), TokenCount(pad_id, non_pad=True)]
-    if config.train.loss == "sparse":
-        causal_lm.compile(sampler="greedy")  # for samples; the trainer below does the training
-        trainer = losses.SparseLossModel(causal_lm, config.train.loss_chunk_tokens)
-        trainer.compile(
-            optimizer=optimizer,
-            loss=losses.PositionNll(),
-            weighted_metrics=[
-                keras.metrics.MeanMetricWrapper(losses.position_accuracy, name="accuracy"),
-                losses.NllPerplexity(name="perplexity"),
-            ],
-            metrics=counts,
-        )
-    else:
-        trainer = causal_lm
-        causal_lm.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
-            weighted_metrics=[
-                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                keras_hub.metrics.Perplexity(from_logits=True, name="perplexity"),
-            ],
-            metrics=counts,
-            sampler="greedy",
-        )
-    optimizer.build(trainer.trainable_variables)
-    return trainer
+    optimizer = build_optimizer(state.config.optimizer, state.total_steps)
+    state.trainer = compile_training(state.causal_lm, state.config.train, optimizer)
 
 
 def _flatten(tree, prefix=""):
@@ -374,7 +315,12 @@ def _flatten(tree, prefix=""):
 
 
 def changed_settings(saved_config, config):
-    """Fields that differ between a checkpoint's config and this run's, as `field old -> new` strings."""
+    """Fields that differ between a checkpoint's config and this run's, as `field old -> new` strings.
+
+    Args:
+        saved_config: the config dict a checkpoint recorded.
+        config: this run's config.
+    """
     ignore = ("train.output_dir", "train.resume", "run.")
     old, new = _flatten(saved_config), _flatten(json.loads(config_lib.to_json(config)))
     return [
@@ -384,36 +330,36 @@ def changed_settings(saved_config, config):
     ]
 
 
-def resume(trainer, config, store, identity, total_steps):
+def resume(state):
     """Restores weights, optimizer state and RNG from the newest good checkpoint.
 
-    Args:
-        trainer: the compiled model `fit` runs (its optimizer is built).
-        config: the run config.
-        store: the run's `CheckpointStore`.
-        identity: what the checkpoint must match.
-        total_steps: the run's length, for the message.
+    The training stream then starts at the restored step (`DataBundle.train_stream`),
+    after that many batches.
 
-    Returns:
-        The step to continue from (0 for a fresh run); the training stream starts
-        there (`DataBundle.train_stream`), after that many batches.
+    Args:
+        state: the run's `RunState` with its compiled trainer (its `initial_step` is set here).
     """
+    store = state.store
+    state.initial_step = 0
     if not store.steps():
-        return 0
-    meta = store.restore_latest(trainer, identity)
+        return
+    meta = store.restore_latest(state.trainer, state.identity)
     if meta is None:
-        return 0
-    step = int(meta["step"])
-    print(f"resuming from {store.path(step)}: step {step} of {total_steps}, "
+        return
+    state.initial_step = int(meta["step"])
+    print(f"resuming from {store.path(state.initial_step)}: step {state.initial_step} of {state.total_steps}, "
           f"skipping {meta['data_position']} training batches")
-    for line in changed_settings(meta.get("config", {}), config):
+    for line in changed_settings(meta.get("config", {}), state.config):
         print(f"warning: resuming with a changed setting: {line}", file=sys.stderr)
-    return step
 
 
 @contextlib.contextmanager
 def detached_preprocessor(model):
-    """Runs `fit`/`evaluate` on already-tokenized batches, then restores the preprocessor."""
+    """Runs `fit`/`evaluate` on already-tokenized batches, then restores the preprocessor.
+
+    Args:
+        model: the model `fit` runs (a CausalLM, or a `SparseLossModel` that has none).
+    """
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is None:  # a SparseLossModel, or a CausalLM without one
         yield model
@@ -425,14 +371,23 @@ def detached_preprocessor(model):
         model.preprocessor = preprocessor
 
 
-def evaluate_before(trainer, data, config, output_dir, initial_step):
-    """Validates once before a fresh run trains, and logs it as step 0."""
-    if data.validation is None or initial_step:
+def evaluate_before(state):
+    """Validates once before a fresh run trains, and logs it as step 0.
+
+    Args:
+        state: the run's `RunState`, compiled and resumed.
+
+    Returns:
+        Keras' results dict, or None when there is nothing to do.
+    """
+    data, config = state.data, state.config
+    if data.validation is None or state.initial_step:
         return None
-    with detached_preprocessor(trainer):
-        before = trainer.evaluate(data.validation, steps=config.train.eval_steps or None, verbose=0, return_dict=True)
+    with detached_preprocessor(state.trainer):
+        before = state.trainer.evaluate(data.validation, steps=config.train.eval_steps or None, verbose=0,
+                                        return_dict=True)
     if rundir.is_primary():
-        rundir.log_evaluation(output_dir, 0, before)
+        rundir.log_evaluation(state.output_dir, 0, before)
     print(f"validation before training: loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
     return before
 
@@ -446,6 +401,12 @@ def epoch_plan(total_steps, eval_every=0, save_every=0, initial_step=0):
 
     Evaluations and checkpoints then happen at epoch ends (after keras has
     validated), and a resumed run starts on an epoch boundary.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        eval_every: steps between evaluations (0: at the end only).
+        save_every: steps between checkpoints (0: at the end only).
+        initial_step: the step a resumed run starts from.
 
     Returns:
         `(steps_per_epoch, epochs, initial_epoch, validation_epochs)`, the last a
@@ -464,104 +425,143 @@ def epoch_plan(total_steps, eval_every=0, save_every=0, initial_step=0):
     return period, epochs, initial_step // period, validation_epochs
 
 
-def training_callbacks(causal_lm, config, plan, store, identity, output_dir, progress, total_steps):
-    """The callbacks of a run, in the order they must run (see `keras_tune.callbacks`)."""
-    from keras_tune import callbacks as cb
+def _mfu_estimate(state):
+    """`(FLOPs a token, peak FLOP/s of the mesh)`, said in one line (0 peak: unknown device)."""
     from keras_tune import flops
-    from keras_tune.decoding import generate_texts
-    from keras_tune.optim import learning_rate_schedule
 
-    train_config, preprocessor = config.train, causal_lm.preprocessor
-    per_token = flops.model_flops_per_token(causal_lm.backbone, config.data.seq_len)
-    devices = list(plan.mesh.devices.flatten())
-    peak, per_device, kind = flops.peak_flops(devices, train_config.peak_tflops)
+    per_token = flops.model_flops_per_token(state.causal_lm.backbone, state.config.data.seq_len)
+    devices = list(state.plan.mesh.devices.flatten())
+    peak, per_device, kind = flops.peak_flops(devices, state.config.train.peak_tflops)
     if peak:
         print(f"MFU against {per_device:g} TFLOP/s per device ({kind}) x {len(devices)}, "
               f"{per_token / 1e9:.3g} GFLOP a token")
     else:
         print(f"MFU not estimated: no peak FLOP/s known for device '{kind}' (pass --peak-tflops)")
-    rate_at = cb.learning_rate_at(learning_rate_schedule(config.optimizer, total_steps))
-    accumulation = max(1, config.optimizer.accumulation_steps)
-    throughput = cb.Throughput(per_token, peak)
-    metrics_log = cb.MetricsLog(progress, output_dir, learning_rate=lambda step: rate_at(step // accumulation))
-    callbacks = [cb.CommittedState(), cb.StepTracker(progress), throughput, metrics_log]
-    if train_config.sample_prompts:
-        chat = bool(config.model.instruct)
-        callbacks.append(cb.Samples(
-            progress, train_config.sample_prompts, os.path.join(output_dir, "samples.txt"),
-            every=train_config.sample_every,
-            # The CausalLM, not the model fit holds: `Samples` reads `self.model` first,
-            # which syncs the weights into the variables both share.
-            generate=lambda model, prompts: generate_texts(
-                causal_lm, preprocessor, prompts, train_config.sample_max_length, chat=chat
-            ),
-        ))
-    config_record = json.loads(config_lib.to_json(config))
+    return per_token, peak
+
+
+def _samples(state):
+    """The `Samples` callback for `--sample-prompt`, or None."""
+    from keras_tune import callbacks as cb
+    from keras_tune.decoding import generate_texts
+
+    train_config, causal_lm = state.config.train, state.causal_lm
+    if not train_config.sample_prompts:
+        return None
+    preprocessor, chat = causal_lm.preprocessor, bool(state.config.model.instruct)
+    return cb.Samples(
+        state.progress, train_config.sample_prompts, os.path.join(state.output_dir, "samples.txt"),
+        every=train_config.sample_every,
+        # The CausalLM, not the model fit holds: `Samples` reads `self.model` first,
+        # which syncs the weights into the variables both share.
+        generate=lambda model, prompts: generate_texts(
+            causal_lm, preprocessor, prompts, train_config.sample_max_length, chat=chat
+        ),
+    )
+
+
+def checkpoint_metadata(state):
+    """`(step, logs) -> the record a checkpoint keeps beside the arrays`.
+
+    Args:
+        state: the run's `RunState`.
+    """
+    config_record = json.loads(config_lib.to_json(state.config))
 
     def metadata(step, logs):
         return {
-            "identity": identity, "config": config_record, "data_position": step, "total_steps": total_steps,
+            "identity": state.identity, "config": config_record, "data_position": step,
+            "total_steps": state.total_steps,
             "metrics": {k: v for k, v in logs.items() if isinstance(v, float) and math.isfinite(v)},
         }
+
+    return metadata
+
+
+def training_callbacks(state):
+    """The callbacks of a run, in the order they must run (see `keras_tune.callbacks`), and the step clock.
+
+    Args:
+        state: the run's `RunState` with its `progress`.
+
+    Returns:
+        `(callbacks, clock)`: the clock goes last, so callback work is not step time.
+    """
+    from keras_tune import callbacks as cb
+    from keras_tune.optim import learning_rate_schedule
+
+    config, store, progress = state.config, state.store, state.progress
+    per_token, peak = _mfu_estimate(state)
+    rate_at = cb.learning_rate_at(learning_rate_schedule(config.optimizer, state.total_steps))
+    accumulation = max(1, config.optimizer.accumulation_steps)
+    throughput = cb.Throughput(per_token, peak)
+    metrics_log = cb.MetricsLog(progress, state.output_dir, learning_rate=lambda step: rate_at(step // accumulation))
+    callbacks = [cb.CommittedState(), cb.StepTracker(progress), throughput, metrics_log]
+    samples = _samples(state)
+    if samples is not None:
+        callbacks.append(samples)
+    metadata = checkpoint_metadata(state)
 
     def save_now(step, model, logs):
         store.save(step, model, metadata(step, logs))
         store.wait()
         return store.path(step)
 
-    callbacks.append(cb.Checkpoints(progress, store, train_config.save_every, metadata=metadata))
+    callbacks.append(cb.Checkpoints(progress, store, config.train.save_every, metadata=metadata))
     callbacks.append(cb.Preemption(progress, save_now, before_save=[metrics_log.flush]))
     return callbacks, throughput.clock()
 
 
-def fit_steps(trainer, causal_lm, data, config, plan, store, identity, output_dir, total_steps, initial_step,
-              callbacks=()):
-    """Runs keras `fit` on `trainer` from `initial_step` to `total_steps`.
+def fit_steps(state):
+    """Runs keras `fit` on the trainer from the run's initial step to its total.
 
-    Returns:
-        `(Progress, keras history dict)`.
+    Args:
+        state: the run's `RunState`, compiled and resumed (its `progress` and `history` are set here).
     """
     from keras_tune.callbacks import Progress
 
-    progress = Progress(total_steps=total_steps, step=initial_step, initial_step=initial_step)
-    if initial_step >= total_steps:
-        print(f"{output_dir} is already trained to step {initial_step} (of {total_steps}); nothing to train")
-        return progress, {}
+    config, total, start = state.config, state.total_steps, state.initial_step
+    state.progress = Progress(total_steps=total, step=start, initial_step=start)
+    if start >= total:
+        print(f"{state.output_dir} is already trained to step {start} (of {total}); nothing to train")
+        return
     period, epochs, initial_epoch, validation_epochs = epoch_plan(
-        total_steps, config.train.eval_every, config.train.save_every, initial_step
+        total, config.train.eval_every, config.train.save_every, start
     )
-    ours, clock = training_callbacks(causal_lm, config, plan, store, identity, output_dir, progress, total_steps)
+    ours, clock = training_callbacks(state)
     # Batch s is a function of (seed, s) alone: resumed, the stream goes on where the
-    # uninterrupted one is at initial_step, across epoch ends, however many iterators keras makes.
-    dataset = data.train_stream(initial_step)
-    with detached_preprocessor(trainer):
-        fitted = trainer.fit(
+    # uninterrupted one is at the initial step, across epoch ends, however many iterators keras makes.
+    dataset = state.data.train_stream(start)
+    with detached_preprocessor(state.trainer):
+        fitted = state.trainer.fit(
             dataset,
-            validation_data=data.validation,
+            validation_data=state.data.validation,
             validation_steps=config.train.eval_steps or None,
             validation_freq=validation_epochs,
             epochs=epochs,
             initial_epoch=initial_epoch,
             steps_per_epoch=period,
             shuffle=False,  # the data module shuffles, seeded
-            callbacks=[*ours, *callbacks, clock],  # the clock last: callback work is not step time
+            callbacks=[*ours, *state.callbacks, clock],  # the clock last: callback work is not step time
             verbose=(1 if sys.stdout.isatty() else 2) if rundir.is_primary() else 0,  # one progress bar
         )
-    return progress, fitted.history
+    state.history = fitted.history
 
 
 # ---------------------------------------------------------------------------
 # 5. What the run leaves: the loss picture, the adapter (or full weights).
 
 
-def finish(causal_lm, config, store, output_dir, progress, history):
+def finish(state):
     """Waits for checkpoints, draws `loss.png`, stops on divergence, writes the adapter.
+
+    Args:
+        state: the run's `RunState` after `fit_steps`.
 
     Returns:
         The last validation `{"loss", "perplexity"}`, or None.
     """
-    from keras_tune.lora import save_adapter
-
+    config, store, progress, output_dir = state.config, state.store, state.progress, state.output_dir
     store.wait()
     if rundir.is_primary():
         rundir.plot_losses(os.path.join(output_dir, "metrics.csv"), os.path.join(output_dir, "loss.png"),
@@ -575,22 +575,37 @@ def finish(causal_lm, config, store, output_dir, progress, history):
             f"--output-dir {output_dir} to continue from it"
         )
     validation = None
-    if "val_loss" in history:
+    if "val_loss" in state.history:
+        history = state.history
         validation = {"loss": history["val_loss"][-1], "perplexity": history.get("val_perplexity", [math.nan])[-1]}
         print(f"validation after training: loss {validation['loss']:.4f}, perplexity {validation['perplexity']:.2f}")
     if rundir.is_primary():
-        path = os.path.join(output_dir, "adapter.npz" if config.lora.rank else "model.weights.h5")
-        try:
-            if config.lora.rank:
-                save_adapter(causal_lm, path, preset=config.preset)
-            else:
-                with rundir.atomic_write(path, suffix=".weights.h5") as partial:  # keras wants the suffix
-                    causal_lm.save_weights(partial)
-        except OSError as error:
-            steps = store.steps()
-            kept = f"checkpoint {store.path(steps[-1])}" if steps else "no checkpoint"
-            raise WriteFailed(f"could not write {path}: {error.strerror or error}; any earlier {os.path.basename(path)} "
-                              f"and the {kept} are intact") from None
+        write_weights(state)
     print(f"run directory: {output_dir}")
     return validation
 
+
+def write_weights(state):
+    """Writes what the run trained: `adapter.npz` (LoRA) or `model.weights.h5` (full fine-tuning).
+
+    Args:
+        state: the run's `RunState`.
+
+    Raises:
+        WriteFailed: the file could not be written; an earlier one and the checkpoints are intact.
+    """
+    from keras_tune.lora import save_adapter
+
+    config, store = state.config, state.store
+    path = os.path.join(state.output_dir, "adapter.npz" if config.lora.rank else "model.weights.h5")
+    try:
+        if config.lora.rank:
+            save_adapter(state.causal_lm, path, preset=config.preset)
+        else:
+            with rundir.atomic_write(path, suffix=".weights.h5") as partial:  # keras wants the suffix
+                state.causal_lm.save_weights(partial)
+    except OSError as error:
+        steps = store.steps()
+        kept = f"checkpoint {store.path(steps[-1])}" if steps else "no checkpoint"
+        raise WriteFailed(f"could not write {path}: {error.strerror or error}; any earlier {os.path.basename(path)} "
+                          f"and the {kept} are intact") from None

@@ -9,6 +9,7 @@ import pytest
 
 from keras_tune import callbacks as cb
 from keras_tune import compat, flops, rundir
+from keras_tune.memory import devices
 from keras_tune.metrics import TokenCount
 from keras_tune.checkpoint import CheckpointStore, check_identity, state_variables
 from keras_tune.errors import UserError
@@ -66,7 +67,7 @@ def _dataset(x, y, w):
     ],
 )
 def test_peak_flops_table(kind, tflops):
-    assert flops.peak_tflops_per_device(kind) == tflops
+    assert devices.peak_tflops_per_device(kind) == tflops
 
 
 def test_flops_per_token_counts_weight_gradients_only_where_weights_train():

@@ -9,6 +9,7 @@ from keras_tune import cli, evaluate, export, fit, generate
 from keras_tune import config as config_lib
 from keras_tune.lora import apply_lora, save_adapter
 from keras_tune.models.loader import build_model, load_causal_lm
+from keras_tune.models import families
 
 PARSERS = {
     "fit": fit.build_parser,
@@ -101,7 +102,7 @@ def test_build_model_loads_the_adapter_and_fit_can_start_from_it(tuned_adapter):
 
 
 def test_export_writes_every_format_and_the_gguf_reloads_with_the_tuned_logits(tuned_adapter, tmp_path, capsys):
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     path, expected = tuned_adapter
     out = {name: str(tmp_path / name) for name in ("keras", "hf", "peft")}
@@ -151,7 +152,7 @@ def test_gemma1_transformers_export_projects_every_head_like_the_keras_model(tmp
     from keras import ops
     from safetensors.numpy import load_file
 
-    from keras_tune.models.export import export_transformers
+    from keras_tune.models.exports.transformers import export_transformers
 
     model = load_causal_lm(config_lib.load_config("gemma_tiny"))  # 8 key/value heads, 8 x 16 != 64
     export_transformers(model, str(tmp_path / "hf"))
@@ -220,7 +221,7 @@ def test_recurrentgemma_transformers_peft_and_gguf_exports_are_refused_before_bu
 
 
 def test_generate_merge_skips_the_transformers_copy_of_a_recurrentgemma_with_the_reason():
-    from keras_tune.models.export import transformers_export_problem
+    from keras_tune.models.exports.transformers import transformers_export_problem
     from keras_tune.models.loader import abstract_model
 
     problem = transformers_export_problem(abstract_model(config_lib.load_config("recurrentgemma_tiny")))
@@ -233,7 +234,7 @@ def test_lora_targets_help_names_the_recurrent_block_targets():
     text = next(action.help for action in parser._actions if "--lora-targets" in action.option_strings)
     for target in ("query", "ffw_linear", "linear_x", "linear_y", "linear_out"):
         assert target in text
-    assert set(config_lib.LORA_TARGETS) <= set(text.replace(";", ",").replace(" ", ",").split(","))
+    assert set(families.lora_targets()) <= set(text.replace(";", ",").replace(" ", ",").split(","))
 
 
 def test_list_presets_columns_line_up_for_the_longest_names(monkeypatch):

@@ -3,6 +3,7 @@
 import pytest
 
 from keras_tune import config as config_lib
+from keras_tune.models import families
 from keras_tune.errors import UserError
 
 
@@ -12,7 +13,7 @@ def test_every_preset_loads_and_validates():
     for name in names:
         config = config_lib.load_config(name)
         assert config.preset == name
-        assert config.model.family in config_lib.FAMILIES
+        assert config.model.family in families.names()
 
 
 def test_overrides_parse_to_field_types():

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from keras_tune.data import make_datasets, pipeline
+from keras_tune.data import make_datasets, layout, tokens
 from keras_tune.data.chat import END, MODEL, USER
 from keras_tune.errors import UserError
 
@@ -142,7 +142,7 @@ def test_bucketing_static_shapes_and_every_example_once(tmp_path, tok):
     config = data_config(name="text", path=path, seq_len=64, batch_size=4, validation_fraction=0.2, batching="bucket")
     bundle = make_datasets(config, tok, seed=3, log=quiet)
     report = bundle.report
-    assert report.batching == "bucket" and 1 < len(report.bucket_lengths) <= pipeline.MAX_BUCKETS
+    assert report.batching == "bucket" and 1 < len(report.bucket_lengths) <= layout.MAX_BUCKETS
     seen = 0
     for x, y, w in batches(bundle.train):
         assert x["token_ids"].shape[0] == 4 and x["token_ids"].shape[1] in report.bucket_lengths
@@ -185,10 +185,10 @@ def test_packing_covers_every_token_once_in_order(tmp_path, tok):
 
 
 def test_pack_unit_exact():
-    tok = pipeline.Tokenized(
+    tok = tokens.Tokenized(
         np.array([10, 11, 12, 20, 21, 30], np.int32), np.ones(6, np.float32), np.array([3, 2, 1])
     )
-    r = pipeline.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD)
+    r = layout.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD)
     # stream: 10 11 12 1 20 21 1 30 1 -> rows of 4 after <bos>
     assert r.ids.tolist() == [[2, 10, 11, 12, 1], [2, 20, 21, 1, 30], [2, 1, 0, 0, 0]]
     assert r.mask.tolist() == [[True] * 5, [True] * 5, [True, True, False, False, False]]
@@ -197,24 +197,24 @@ def test_pack_unit_exact():
 
 def test_pack_examples_unit_exact():
     # Three examples: (prompt 10, target 11), (prompt 20 21, target 22), (target 30 31 32 33 34 35 36).
-    tok = pipeline.Tokenized(
+    tok = tokens.Tokenized(
         np.array([10, 11, 20, 21, 22, 30, 31, 32, 33, 34, 35, 36], np.int32),
         np.array([0, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], np.float32),
         np.array([2, 3, 7]),
     )
-    r = pipeline.pack_examples(tok, seq_len=8, bos=BOS, eos=EOS, pad=PAD)
+    r = layout.pack_examples(tok, seq_len=8, bos=BOS, eos=EOS, pad=PAD)
     # Wrapped sizes 4, 5, 9 in rows of 9: the longest is cut to the row, then 5 and 4 share one.
     assert r.ids.tolist() == [[2, 30, 31, 32, 33, 34, 35, 36, 1], [2, 20, 21, 22, 1, 2, 10, 11, 1]]
     assert r.segments.tolist() == [[1] * 9, [1, 1, 1, 1, 1, 2, 2, 2, 2]]
     assert r.mask.all() and r.documents.tolist() == [1, 2]
     # Targets (row[1:]): each example's as it has them alone; the next example's <bos> carries none.
     assert r.weights[:, 1:].tolist() == [[1] * 8, [0, 0, 1, 1, 0, 0, 1, 1]]
-    leaky = pipeline.pack_examples(tok, seq_len=8, bos=BOS, eos=EOS, pad=PAD, documents=False)
+    leaky = layout.pack_examples(tok, seq_len=8, bos=BOS, eos=EOS, pad=PAD, documents=False)
     assert leaky.segments is None and leaky.ids.tolist() == r.ids.tolist()
 
 
 def test_best_fit_decreasing_fills_the_fullest_row_that_fits():
-    bins, offsets, ordinal = pipeline.best_fit_decreasing([3, 7, 5, 2, 4, 1], capacity=8)
+    bins, offsets, ordinal = layout.best_fit_decreasing([3, 7, 5, 2, 4, 1], capacity=8)
     # 7 -> A(1 left); 5 -> B(3 left); 4 -> C(4 left); 3 -> B (the fullest that fits); 2 -> C; 1 -> A.
     assert bins.tolist() == [1, 0, 1, 2, 2, 0]
     assert offsets.tolist() == [5, 0, 0, 4, 0, 7]
@@ -224,7 +224,7 @@ def test_best_fit_decreasing_fills_the_fullest_row_that_fits():
 def test_best_fit_decreasing_matches_the_textbook_loop_on_random_sizes():
     rng = np.random.default_rng(7)
     sizes = np.minimum(rng.lognormal(3.0, 0.8, 500).astype(np.int64) + 1, 65)
-    bins, offsets, ordinal = pipeline.best_fit_decreasing(sizes, capacity=65)
+    bins, offsets, ordinal = layout.best_fit_decreasing(sizes, capacity=65)
     filled = np.bincount(bins, weights=sizes).astype(np.int64)
     assert (filled <= 65).all() and len(filled) == bins.max() + 1
     for b in range(len(filled)):  # items of a bin lie end to end, in the order of their ordinals
@@ -344,7 +344,7 @@ def test_key_token_weight(tmp_path, tok):
                          validation_fraction=0.0, key_token_alpha=0.5)
     bundle = make_datasets(config, tok, seed=0, log=quiet)
     ((_, _, y, w),) = rows(bundle.train)
-    sequences = pipeline.key_token_sequences(tok, DEFAULTS["key_tokens"])
+    sequences = layout.key_token_sequences(tok, DEFAULTS["key_tokens"])
     count = 0
     targets = y[w > 0].tolist()
     for spellings in sequences.values():
@@ -399,7 +399,7 @@ def test_tokenizing_still_works_after_keras_set_random_seed():
     child = """
 import keras
 import tensorflow as tf
-from keras_tune.data.pipeline import document_example, tokenize
+from keras_tune.data.tokens import document_example, tokenize
 from keras_tune.models.tiny import tiny_tokenizer
 
 tokenizer = tiny_tokenizer("gemma3")
@@ -500,8 +500,8 @@ def test_bad_input_raises_user_error(tmp_path, tok, name, setup, overrides, mess
 def test_choose_buckets_each_bucket_fills_a_batch():
     rng = np.random.default_rng(0)
     needs = np.clip(rng.lognormal(3.2, 0.6, size=500).astype(int), 1, 256)
-    lengths = pipeline.choose_buckets(needs, needs, seq_len=256, batch_size=8)
-    assert lengths == sorted(lengths) and len(lengths) <= pipeline.MAX_BUCKETS
+    lengths = layout.choose_buckets(needs, needs, seq_len=256, batch_size=8)
+    assert lengths == sorted(lengths) and len(lengths) <= layout.MAX_BUCKETS
     assert lengths[-1] >= needs.max() and lengths[-1] <= 256
     low = 0
     for length in lengths:
@@ -510,12 +510,12 @@ def test_choose_buckets_each_bucket_fills_a_batch():
     padded = sum(min(n for n in lengths if n >= need) for need in needs)
     assert padded < 0.7 * 256 * len(needs)
     # Too few examples for two buckets: one bucket covering everything.
-    assert pipeline.choose_buckets(np.array([3, 40]), np.array([3, 40]), 64, 2) == [40]
+    assert layout.choose_buckets(np.array([3, 40]), np.array([3, 40]), 64, 2) == [40]
 
 
 def test_assign_buckets_moves_remainders_up():
     need = np.array([5, 6, 7, 20, 21, 22, 23, 24, 40])
-    index = pipeline.assign_buckets(need, [8, 24, 48], batch_size=2)
+    index = layout.assign_buckets(need, [8, 24, 48], batch_size=2)
     # bucket 8 has 3 -> its longest (7) moves up; bucket 24 then has 6 -> whole;
     # bucket 48 keeps 40 alone (sits out: fewer than a batch).
     assert index.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2]

@@ -16,7 +16,7 @@ import pytest
 
 from keras_tune import config as config_lib
 from keras_tune import training
-from keras_tune.data import make_datasets, pipeline
+from keras_tune.data import make_datasets, streams
 from keras_tune.models.tiny import tiny_tokenizer
 from test_data_tfds import build_tfds_data_dir
 from test_resume import _adapter, _assert_same_metrics, _max_diff
@@ -62,17 +62,17 @@ def _same(a, b):
 
 def test_epoch_order_depends_on_the_seed_and_the_epoch_only():
     sizes, batch_size = [5, 8, 2], 2
-    groups, rows = pipeline.epoch_order(sizes, batch_size, seed=3, epoch=4, shuffle_buffer=100)
-    again = pipeline.epoch_order(sizes, batch_size, seed=3, epoch=4, shuffle_buffer=100)
+    groups, rows = streams.epoch_order(sizes, batch_size, seed=3, epoch=4, shuffle_buffer=100)
+    again = streams.epoch_order(sizes, batch_size, seed=3, epoch=4, shuffle_buffer=100)
     assert np.array_equal(groups, again[0]) and np.array_equal(rows, again[1])
     assert sorted(groups.tolist()) == [0, 0, 1, 1, 1, 1, 2]
     for k, size in enumerate(sizes):  # whole batches of distinct rows of the group
         picked = rows[groups == k].ravel()
         assert len(set(picked.tolist())) == len(picked) == size // batch_size * batch_size and picked.max() < size
-    assert not np.array_equal(pipeline.epoch_order(sizes, batch_size, 3, 5, 100)[1], rows)  # next epoch
-    assert not np.array_equal(pipeline.epoch_order(sizes, batch_size, 4, 4, 100)[1], rows)  # another seed
-    assert pipeline.epoch_order([6], 2, seed=0, epoch=1, shuffle_buffer=0)[1].tolist() == [[0, 1], [2, 3], [4, 5]]
-    order = pipeline.shuffled(1000, 4, np.random.default_rng(0))  # a window: rows move 4 places at most
+    assert not np.array_equal(streams.epoch_order(sizes, batch_size, 3, 5, 100)[1], rows)  # next epoch
+    assert not np.array_equal(streams.epoch_order(sizes, batch_size, 4, 4, 100)[1], rows)  # another seed
+    assert streams.epoch_order([6], 2, seed=0, epoch=1, shuffle_buffer=0)[1].tolist() == [[0, 1], [2, 3], [4, 5]]
+    order = streams.shuffled(1000, 4, np.random.default_rng(0))  # a window: rows move 4 places at most
     assert sorted(order.tolist()) == list(range(1000)) and np.abs(order - np.arange(1000)).max() <= 4
 
 

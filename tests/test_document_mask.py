@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune.data import make_datasets, pipeline
+from keras_tune.data import make_datasets, layout, tokens
 from keras_tune.models.document_mask import enable_document_masking
 from keras_tune.models.loader import load_causal_lm
 
@@ -13,15 +13,15 @@ BOS, EOS, PAD = 2, 1, 0
 
 
 def test_pack_with_documents_gives_each_its_bos_and_a_segment():
-    tok = pipeline.Tokenized(np.array([10, 11, 12, 20, 21, 30], np.int32), np.ones(6, np.float32), np.array([3, 2, 1]))
-    rows = pipeline.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD, documents=True)
+    tok = tokens.Tokenized(np.array([10, 11, 12, 20, 21, 30], np.int32), np.ones(6, np.float32), np.array([3, 2, 1]))
+    rows = layout.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD, documents=True)
     # stream: <bos> 10 11 12 <eos> <bos> 20 21 <eos> <bos> 30 <eos>, cut into rows of 4 after a leading <bos>
     assert rows.ids.tolist() == [[2, 2, 10, 11, 12], [2, 1, 2, 20, 21], [2, 1, 2, 30, 1]]
     assert rows.segments.tolist() == [[1, 2, 2, 2, 2], [1, 1, 2, 2, 2], [1, 1, 2, 2, 2]]
     # A document's own <bos> is never a target; its <eos> is.
     assert rows.weights[:, 1:].tolist() == [[0, 1, 1, 1], [1, 0, 1, 1], [1, 0, 1, 1]]
     assert rows.documents.tolist() == [1, 2, 2]
-    plain = pipeline.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD)
+    plain = layout.pack(tok, seq_len=4, bos=BOS, eos=EOS, pad=PAD)
     assert plain.segments is None and plain.documents.tolist() == [1, 2, 1]
 
 
@@ -53,8 +53,8 @@ def test_packed_batches_send_segment_ids_and_the_report_counts_documents(tmp_pat
 def _packed_row(documents, seq_len):
     """One packed row (segment ids included) holding `documents` (lists of token ids)."""
     lengths = np.array([len(d) for d in documents])
-    tok = pipeline.Tokenized(np.concatenate(documents).astype(np.int32), np.ones(lengths.sum(), np.float32), lengths)
-    rows = pipeline.pack(tok, seq_len=seq_len, bos=BOS, eos=EOS, pad=PAD, documents=True)
+    tok = tokens.Tokenized(np.concatenate(documents).astype(np.int32), np.ones(lengths.sum(), np.float32), lengths)
+    rows = layout.pack(tok, seq_len=seq_len, bos=BOS, eos=EOS, pad=PAD, documents=True)
     assert len(rows) == 1, "the documents must fit one row"
     return rows.ids[:, :-1], rows.segments[:, :-1]
 

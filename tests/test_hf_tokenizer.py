@@ -32,14 +32,15 @@ TEXTS = [
 
 
 def _write(tokenizer, directory):
-    from keras_tune.models.hf_tokenizer import write_tokenizer_json
+    from keras_tune.models.exports.hf_tokenizer import write_tokenizer_json
 
     return write_tokenizer_json(tokenizer, directory)
 
 
 @pytest.fixture(scope="module")
 def real_tokenizer():
-    from keras_tune.models.gguf import gguf_tokenizer, registry_gguf_path
+    from keras_tune.models.gguf.registry import registry_gguf_path
+    from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
     return gguf_tokenizer(registry_gguf_path())
 

@@ -5,7 +5,8 @@ import pytest
 from keras_tune import config as config_lib
 from keras_tune.errors import UserError
 from keras_tune.fit import main
-from keras_tune.models.loader import check_source, kaggle_credentials_problem
+from keras_tune.models.kaggle import kaggle_credentials_problem
+from keras_tune.models.loader import check_source
 
 HANDLE = "kaggle://keras/gemma/keras/gemma_2b_en/3"
 

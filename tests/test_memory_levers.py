@@ -63,7 +63,7 @@ def test_keeping_only_matmul_outputs_gives_the_same_gradients_and_keeps_less(pre
 
 
 def test_keep_only_matmul_outputs_wraps_each_block_once():
-    from keras_tune.models.loader import keep_matmul_outputs_only
+    from keras_tune.models.remat import keep_matmul_outputs_only
 
     config = config_lib.load_config("gemma3_tiny", overrides={"distribution.mesh": "1x1", "train.keep_activations": "matmuls"})
     backbone = build_model(config, lora=True, devices=jax.devices()[:1]).causal_lm.backbone

@@ -46,3 +46,11 @@ def test_wheel_installs_and_lists_presets_from_another_directory(tmp_path):
     assert presets == len(list((ROOT / "presets").glob("[!_]*.py")))
     assert layouts == len(list((ROOT / "layouts").glob("*.json")))
     assert result.stdout.split()[2] == "28"
+
+
+def test_pyproject_lists_every_package_of_keras_tune():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "keras_tune").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

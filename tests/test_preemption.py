@@ -94,7 +94,7 @@ def test_an_output_dir_nobody_may_create_is_one_line_and_exit_2(tmp_path, capsys
     def refuse(path, exist_ok=False):  # what a non-root user meets in a folder of root's
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr("keras_tune.training.os.makedirs", refuse)
+    monkeypatch.setattr("keras_tune.rundir.os.makedirs", refuse)
     assert fit.main(["--preset", "gemma_tiny", "--output-dir", str(tmp_path / "locked" / "run")]) == 2
     assert "cannot create it (Permission denied)" in _one_error_line(capsys)
 

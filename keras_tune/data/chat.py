@@ -25,7 +25,7 @@ bundle = make_datasets(config.data, tokenizer, seed=0)
 import numpy as np
 
 from keras_tune.data import files
-from keras_tune.data.files import read_examples, split_source
+from keras_tune.data.files import ReadExamples, read_examples, split_source
 from keras_tune.errors import UserError
 from keras_tune.decoding import END_OF_TURN as END
 from keras_tune.decoding import MODEL_TURN as MODEL
@@ -105,5 +105,5 @@ def source(data_config, tokenizer, seed=0, log=print):
 
     examples, dropped = read_examples(paths, data_config, "chat", to_example, txt_ok=False)
     log(f"chat: read {len(examples)} conversations from {len(paths)} file(s)")
-    return split_source("chat", "prompt", examples, dropped, data_config, seed,
-                        f"{len(paths)} file(s) at '{data_config.path}'")
+    read = ReadExamples("chat", "prompt", examples, dropped, f"{len(paths)} file(s) at '{data_config.path}'")
+    return split_source(read, data_config, seed)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_tune.data import files
-from keras_tune.data.files import split_source
+from keras_tune.data.files import ReadExamples, split_source
 from keras_tune.errors import UserError
 
 KEYWORDS = ("pandas", "sklearn", "matplotlib", "seaborn")
@@ -182,4 +182,4 @@ def source(data_config, tokenizer, seed=0, log=print):
     corpus = user_corpus if data_config.path else default_corpus
     documents, dropped, where, notes = corpus(data_config, seed, log)
     examples = [([text], [1.0]) for text in documents]
-    return split_source("code", "text", examples, dropped, data_config, seed, where, notes)
+    return split_source(ReadExamples("code", "text", examples, dropped, where, tuple(notes)), data_config, seed)

@@ -13,6 +13,7 @@ for where, record in iter_records(paths[0]):
 """
 
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_tune.data.pipeline import Source, examples_dataset
+from keras_tune.data.pipeline import Source
+from keras_tune.data.tokens import examples_dataset
 from keras_tune.errors import UserError
 
 SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".venv", "node_modules"}
@@ -203,8 +205,36 @@ def read_examples(paths, data_config, recipe, to_record_example, txt_ok=True):
     return examples, dropped
 
 
-def split_source(recipe, kind, examples, dropped, data_config, seed, where, notes=()):
-    """Holds out a seeded validation share of `examples` and returns a `Source`."""
+@dataclasses.dataclass
+class ReadExamples:
+    """What a file recipe read, before the validation hold-out.
+
+    Attributes:
+        recipe: the recipe's name.
+        kind: "text" (documents) or "prompt" (examples whose prompt carries no loss).
+        examples: `(segments, weights)` pairs.
+        dropped: reason -> records read but not used.
+        where: where they came from, in words.
+        notes: lines for the data report.
+    """
+
+    recipe: str
+    kind: str
+    examples: list
+    dropped: Counter
+    where: str
+    notes: tuple = ()
+
+
+def split_source(read, data_config, seed):
+    """Holds out a seeded validation share of what a recipe read and returns its `Source`.
+
+    Args:
+        read: the recipe's `ReadExamples`.
+        data_config: the `data` section of the run config (validation share and cap).
+        seed: seeds the hold-out.
+    """
+    recipe, kind, examples, dropped, where = read.recipe, read.kind, read.examples, read.dropped, read.where
     train_index, val_index = hold_out(len(examples), data_config, seed)
     train = [examples[i] for i in train_index]
     validation = [examples[i] for i in val_index]
@@ -214,7 +244,7 @@ def split_source(recipe, kind, examples, dropped, data_config, seed, where, note
         train=examples_dataset(train),
         train_source=f"{where}: {len(train)} of {len(examples)} examples",
         train_dropped=Counter(dropped),
-        notes=list(notes),
+        notes=list(read.notes),
     )
     if validation:
         source.validation = examples_dataset(validation)

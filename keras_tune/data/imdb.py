@@ -14,7 +14,8 @@ bundle = make_datasets(config.data, tokenizer, seed=0)
 ```
 """
 
-from keras_tune.data.pipeline import Source, document_example
+from keras_tune.data.pipeline import Source
+from keras_tune.data.tokens import document_example
 from keras_tune.data.tfds_source import load_split
 from keras_tune.errors import UserError
 

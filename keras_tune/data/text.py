@@ -22,7 +22,7 @@ bundle = make_datasets(config.data, tokenizer, seed=0)
 
 
 from keras_tune.data import files
-from keras_tune.data.files import read_examples, split_source
+from keras_tune.data.files import ReadExamples, read_examples, split_source
 from keras_tune.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
@@ -68,4 +68,5 @@ def source(data_config, tokenizer, seed=0, log=print):
         )
     kind = mode.get("kind", "text")
     log(f"text: read {len(examples)} examples from {len(paths)} file(s) ({kind})")
-    return split_source("text", kind, examples, dropped, data_config, seed, f"{len(paths)} file(s) at '{data_config.path}'")
+    read = ReadExamples("text", kind, examples, dropped, f"{len(paths)} file(s) at '{data_config.path}'")
+    return split_source(read, data_config, seed)

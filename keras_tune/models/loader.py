@@ -1,60 +1,24 @@
-"""Preset loaders: a run config becomes a keras-hub CausalLM.
+"""Preset loaders: a run config becomes a CausalLM of its family.
 
 Every loader builds inside the keras distribution that is active when it is
 called, so variables are created directly with their sharding; nothing is first
 materialized on one device. `abstract_model` builds the same backbone with
 shapes only (no memory), which is what planning, `--dry-run` and the layout
-checks use.
+checks use. The family (`keras_tune.models.families`) says which classes and
+sources a model has; Kaggle handles, preset directories and the tiny presets
+are loaded here, a family's own sources (GGUF, Flax checkpoints) by the family.
 """
 
 import dataclasses
-import glob
 import os
 import time
 
 from keras_tune import compat
 from keras_tune.errors import UserError
-
-
-def _classes(family):
-    import keras_hub
-
-    if family == "recurrentgemma":  # keras-hub has none: keras_tune's own Keras model
-        from keras_tune.models import recurrent_gemma
-
-        return (
-            recurrent_gemma.RecurrentGemmaBackbone,
-            recurrent_gemma.RecurrentGemmaCausalLMPreprocessor,
-            recurrent_gemma.RecurrentGemmaCausalLM,
-        )
-    if family == "gemma3":
-        return (
-            keras_hub.models.Gemma3Backbone,
-            keras_hub.models.Gemma3CausalLMPreprocessor,
-            keras_hub.models.Gemma3CausalLM,
-        )
-    # keras-hub builds Gemma and Gemma 2 with the same classes.
-    return (
-        keras_hub.models.GemmaBackbone,
-        keras_hub.models.GemmaCausalLMPreprocessor,
-        keras_hub.models.GemmaCausalLM,
-    )
-
-
-def gguf_path(config):
-    """The GGUF file a `gguf`-source config reads ("registry" resolves to the package's file)."""
-    from keras_tune.models import gguf
-
-    return gguf.registry_gguf_path() if config.model.weights == "registry" else config.model.weights
-
-
-def backbone_kwargs(config):
-    """The keras-hub backbone arguments of `config` (read from the GGUF for gguf sources)."""
-    if config.model.source == "gguf":
-        from keras_tune.models import gguf
-
-        return dict(gguf.gguf_backbone_kwargs(gguf_path(config)))
-    return dict(config.model.arch)
+from keras_tune.models import families, remat
+from keras_tune.models.families import GENERIC_SOURCES
+from keras_tune.models.kaggle import kaggle_credentials_problem
+from keras_tune.models.quantize import quantize_base
 
 
 def abstract_model(config, lora=True):
@@ -74,8 +38,9 @@ def abstract_model(config, lora=True):
 
     require_jax_backend()
 
-    backbone_cls, _, _ = _classes(config.model.family)
-    kwargs = backbone_kwargs(config)
+    family = families.get(config.model.family)
+    backbone_cls, _, _ = family.classes()
+    kwargs = family.backbone_kwargs(config)
     # Keras queues deferred variables globally and initializes the queue when
     # the next outermost StatelessScope closes (fit opens one); take ours out
     # so an abstract 7B model never gets materialized by accident.
@@ -88,34 +53,6 @@ def abstract_model(config, lora=True):
     finally:
         compat.set_keras_global_attribute("uninitialized_variables", pending)
     return backbone
-
-
-def kaggle_credentials_problem(handle):
-    """Says why a Kaggle handle cannot be fetched, or returns None if it can.
-
-    Credentials count from `KAGGLE_USERNAME`/`KAGGLE_KEY`, a `kaggle.json` or an
-    access token in `~/.kaggle` (or `$KAGGLE_CONFIG_DIR`), a Kaggle notebook, or
-    the model already sitting in the kagglehub cache.
-
-    Args:
-        handle: a `kaggle://owner/model/framework/variation/version` handle.
-    """
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return None
-    if os.environ.get("KAGGLE_API_TOKEN") or os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-        return None
-    config_dir = os.environ.get("KAGGLE_CONFIG_DIR") or os.path.expanduser("~/.kaggle")
-    if any(os.path.isfile(os.path.join(config_dir, name)) for name in ("kaggle.json", "access_token")):
-        return None
-    cache = os.environ.get("KAGGLEHUB_CACHE") or os.path.expanduser("~/.cache/kagglehub")
-    parts = handle.removeprefix("kaggle://").split("/")
-    if glob.glob(os.path.join(cache, "models", *parts[:4], parts[4] if len(parts) > 4 else "*", "config.json")):
-        return None
-    return (
-        f"cannot download {handle}: no Kaggle credentials found; set KAGGLE_USERNAME and KAGGLE_KEY "
-        "(from kaggle.com > Settings > API > Create New Token), or save that kaggle.json in ~/.kaggle/, "
-        "and accept the Gemma license on the model's Kaggle page"
-    )
 
 
 def check_source(config):
@@ -135,12 +72,8 @@ def check_source(config):
                 f"model.handle {model.handle}: not a keras-hub preset directory; expected a folder with "
                 "config.json (as written by save_to_preset)"
             )
-    elif model.source == "gguf":
-        gguf_path(config)  # the registry package or the file must exist
-    elif model.source == "flax":
-        from keras_tune.models.recurrent_gemma import source
-
-        source.check_source(model.handle)
+    elif model.source not in GENERIC_SOURCES:
+        families.get(model.family).check_source(config)
 
 
 def load_causal_lm(config):
@@ -150,13 +83,12 @@ def load_causal_lm(config):
         config: a validated run config.
 
     Returns:
-        A keras-hub `GemmaCausalLM` or `Gemma3CausalLM`; LoRA is not yet enabled.
+        The family's CausalLM (keras-hub's, or keras_tune's RecurrentGemma); LoRA is not yet enabled.
     """
-    import keras
-
     check_source(config)
     model = config.model
-    backbone_cls, preprocessor_cls, causal_lm_cls = _classes(model.family)
+    family = families.get(model.family)
+    backbone_cls, preprocessor_cls, causal_lm_cls = family.classes()
     precision = config.train.precision
     sequence_length = config.data.seq_len
     if model.source == "tiny":
@@ -173,16 +105,8 @@ def load_causal_lm(config):
         backbone = backbone_cls(**arch, dtype=precision)
         preprocessor = preprocessor_cls(tokenizer=tokenizer, sequence_length=sequence_length)
         return causal_lm_cls(backbone=backbone, preprocessor=preprocessor)
-    if model.source == "gguf":
-        from keras_tune.models import gguf
-
-        return gguf.load_gguf_causal_lm(
-            gguf_path(config), sequence_length=sequence_length, dtype=precision, quantize=config.train.quantize
-        )
-    if model.source == "flax":
-        from keras_tune.models.recurrent_gemma import source
-
-        return source.load_causal_lm(config)
+    if model.source not in GENERIC_SOURCES:
+        return family.load(config)
     try:
         causal_lm = causal_lm_cls.from_preset(model.handle, dtype=precision)
     except (OSError, ValueError, ConnectionError) as error:
@@ -191,107 +115,9 @@ def load_causal_lm(config):
     return causal_lm
 
 
-def quantization_config(mode):
-    """Keras' weight-only quantization config for `--quantize mode` ("int8" or "int4").
-
-    Weight-only: the scales are per output channel (int8) or per block of 128
-    inputs (int4) and activations stay in the compute precision, so the only
-    change to the function the model computes is the weights' rounding.
-
-    Args:
-        mode: "int8" or "int4".
-    """
-    import keras
-
-    if mode == "int8":
-        return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
-    if mode == "int4":
-        return keras.quantizers.Int4QuantizationConfig(activation_quantizer=None, block_size=128)
-    raise UserError(f"--quantize {mode}: expected int8 or int4")
-
-
-def quantize_base(causal_lm, mode):
-    """Stores the frozen base weights as int8 or int4 (Keras' own `quantize`), QLoRA-style.
-
-    LoRA, enabled afterwards, trains float32 matrices on top; their shapes are
-    the unquantized model's, so an adapter moves between the two. (The GGUF
-    loader quantizes as it loads instead: `load_gguf_causal_lm(quantize=)`.)
-
-    Args:
-        causal_lm: a keras-hub CausalLM, LoRA not yet enabled.
-        mode: "int8" or "int4".
-    """
-    import warnings
-
-    config = quantization_config(mode)
-    with warnings.catch_warnings():  # norms, rotary embeddings, dropout: nothing to quantize, as intended
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        causal_lm.backbone.quantize(mode, config=config)
-
-
-def remat_scope(config):
-    """With `train.remat`, a Keras `RematScope` that recomputes each decoder block in the backward pass.
-
-    Layers take their rematerialization mode when they are created, so the
-    model is built inside it. A block's activations are then the only thing
-    the backward pass keeps of it (its input), at the cost of running its
-    forward twice.
-
-    Args:
-        config: the run config.
-    """
-    import contextlib
-
-    import keras
-
-    if not config.train.remat:
-        return contextlib.nullcontext()
-    layers = int(backbone_kwargs(config)["num_layers"])
-    return keras.RematScope(mode="list_of_layers", layer_names=[f"decoder_block_{i}" for i in range(layers)])
-
-
-def keep_matmul_outputs_only(backbone):
-    """Makes each decoder block's backward pass keep only its weight matmuls' outputs (selective recomputation).
-
-    The block runs under `jax.checkpoint` with JAX's
-    `dots_with_no_batch_dims_saveable` policy: the outputs of q/k/v, the
-    attention output and the gate/up/down projections (LoRA's too) are kept,
-    and the rest of the block (norms, tanh-GELU, the attention scores, their
-    softmax and both batched attention matmuls) is recomputed from them in the
-    backward pass, as Korthikanti et al. (2022) recompute the attention core.
-    The same numbers either way; on the 270M (batch 2 x 128, one CPU device)
-    the compiled step's temporaries drop from 294 to 197 MiB with an int8 base
-    and from 568 to 491 MiB in float32, but the float32 MTNT-like step took 6%
-    longer and the compile more memory, so it is `train.keep_activations`'s
-    choice, not the default. Generation (a cache) runs the block as it is.
-
-    Idempotent: a block already wrapped is left as it is.
-
-    Args:
-        backbone: a keras-hub `GemmaBackbone` (Gemma, Gemma 2) or `Gemma3Backbone`.
-
-    Returns:
-        The number of decoder blocks wrapped.
-    """
-    import jax
-
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    wrapped = 0
-    for block in backbone.transformer_layers:
-        if getattr(block.call, "keras_tune_selective_remat", False):
-            continue
-
-        def call(x, _original=block.call, **kwargs):
-            if kwargs.get("cache") is not None:  # generation: nothing to differentiate
-                return _original(x, **kwargs)
-            arrays = {name: value for name, value in kwargs.items() if hasattr(value, "shape")}
-            static = {name: value for name, value in kwargs.items() if name not in arrays}
-            return jax.checkpoint(lambda x, arrays: _original(x, **arrays, **static), policy=policy)(x, arrays)
-
-        call.keras_tune_selective_remat = True
-        block.call = call
-        wrapped += 1
-    return wrapped
+def _quantized_on_load(causal_lm):
+    """Whether a loader already quantized the base as it loaded it (the GGUF loader does, layer by layer)."""
+    return any(getattr(layer, "quantization_mode", None) for layer in compat.sublayers(causal_lm.backbone))
 
 
 @dataclasses.dataclass
@@ -344,17 +170,17 @@ def build_model(config, *, lora=False, plan=None, devices=None):
     keras.config.set_dtype_policy(config.train.precision)
     keras.distribution.set_distribution(plan.distribution())
     started = time.perf_counter()
-    with remat_scope(config):
+    family = families.get(config.model.family)
+    with remat.remat_scope(config):
         causal_lm = load_causal_lm(config)
-    if config.train.quantize and config.model.source != "gguf":  # the GGUF loader quantizes as it loads
+    if config.train.quantize and not _quantized_on_load(causal_lm):
         quantize_base(causal_lm, config.train.quantize)
-    gemma_blocks = config.model.family in ("gemma", "gemma2", "gemma3")  # not RecurrentGemma's
-    if not config.data.cross_document_attention and gemma_blocks:
+    if not config.data.cross_document_attention and family.document_masking:
         from keras_tune.models.document_mask import enable_document_masking
 
         enable_document_masking(causal_lm.backbone)  # packed rows send segment ids
-    if config.train.keep_activations == "matmuls" and not config.train.remat and gemma_blocks:
-        keep_matmul_outputs_only(causal_lm.backbone)
+    if config.train.keep_activations == "matmuls" and not config.train.remat and family.selective_remat:
+        remat.keep_matmul_outputs_only(causal_lm.backbone)
     if lora:
         apply_lora(causal_lm, config.lora.rank, config.lora.targets, config.lora.alpha)
     metadata = load_adapter(causal_lm, adapter, preset=config.preset) if adapter else None

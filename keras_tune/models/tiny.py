@@ -14,6 +14,7 @@ import io
 from importlib import resources
 from pathlib import Path
 
+from keras_tune.models import families
 from keras_tune.models.cache import cache_dir
 from keras_tune.rundir import atomic_write
 
@@ -87,11 +88,6 @@ def tiny_tokenizer(family):
     """Builds the keras-hub tokenizer for a tiny preset of `family`.
 
     Args:
-        family: "gemma", "gemma2" or "gemma3".
+        family: a registered family name, e.g. "gemma3" (`keras_tune.models.families`).
     """
-    import keras_hub
-
-    proto = train_tiny_sentencepiece()
-    if family == "gemma3":
-        return keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
-    return keras_hub.models.GemmaTokenizer(proto=proto)
+    return families.get(family).tokenizer(train_tiny_sentencepiece())

@@ -49,7 +49,7 @@ class RecurrentGemmaBackbone(Backbone):
         dtype: dtype policy of the weights and computation.
     """
 
-    def __init__(  # long: one argument a line, as keras-hub backbones read
+    def __init__(  # long: one argument a line, as keras-hub backbones read; many: they are the architecture
         self,
         vocabulary_size,
         num_layers,

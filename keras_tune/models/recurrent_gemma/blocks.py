@@ -227,7 +227,7 @@ class ResidualBlock(keras.layers.Layer):
         layer_norm_epsilon: RMSNorm epsilon.
     """
 
-    def __init__(
+    def __init__(  # many: a Keras layer's constructor is its config, one argument a setting
         self, block_type, hidden_dim, intermediate_dim, num_heads, lru_width, attention_window_size,
         conv1d_width=4, output_scale=1.0, layer_norm_epsilon=1e-6, **kwargs,
     ):

@@ -74,7 +74,7 @@ def check_source(handle):
         handle: a `kaggle://google/recurrentgemma/flax/...` handle or a local directory.
     """
     if handle.startswith("kaggle://"):
-        from keras_tune.models.loader import kaggle_credentials_problem
+        from keras_tune.models.kaggle import kaggle_credentials_problem
 
         problem = None if _kaggle_cached(handle) else kaggle_credentials_problem(handle)
         if problem:

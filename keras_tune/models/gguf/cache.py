@@ -3,7 +3,7 @@
 Per GGUF, under `cache_dir()/gguf/`: `<sha256[:32]>-v<FORMAT>.bin`, the float32
 weights, and `<sha256[:32]>-tokenizer-v<TOKENIZER_FORMAT>.model`, the SentencePiece
 model rebuilt from its vocabulary (0.5 s to rebuild from the metadata). Only
-quantized GGUFs are cached (see `gguf._load_weights`).
+quantized GGUFs are cached (`cache_digest`).
 
 The weights file is a small JSON header followed by raw float32 arrays (keras
 layout), so a cached load reads each array once into a fresh buffer that becomes
@@ -37,10 +37,12 @@ from keras_tune.rundir import write_text
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
-# Bump when `gguf._sentencepiece_proto` changes what it builds from the same GGUF.
+# Bump when `vocabulary.sentencepiece_proto` changes what it builds from the same GGUF.
 TOKENIZER_FORMAT = 1
 _MAGIC = b"KTGGUFW1"
 _ALIGN = 64
+# GGUF tensor types that convert as fast as the cache reads: files of only these are not cached.
+FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def gguf_cache_dir():
@@ -346,3 +348,14 @@ class CacheWriter:
             self._handle.write(memoryview(array).cast("B"))
         except OSError as error:
             self._give_up(error)
+
+
+def cache_digest(gguf_file):
+    """The GGUF's sha256 when its conversion is worth caching (quantized weights), else None.
+
+    F32/F16/BF16 tensors convert as fast as the cache reads, and a float32 copy of
+    an F16 file would double its size on disk.
+    """
+    if all(info.type_name in FLOAT_TYPES for info in gguf_file.tensors.values()):
+        return None
+    return file_sha256(gguf_file.path)

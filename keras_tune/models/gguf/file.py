@@ -14,7 +14,7 @@ is never half-loaded.
 Example:
 
 ```python
-from keras_tune.models.gguf_format import read_gguf
+from keras_tune.models.gguf.file import read_gguf
 gguf_file = read_gguf("gemma-3-270m-q4_k_m.gguf")
 print(gguf_file.metadata["general.architecture"], len(gguf_file.tensors))
 embedding = gguf_file.tensor("token_embd.weight")  # float32, shape (vocab, hidden)
