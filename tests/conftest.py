@@ -30,3 +30,35 @@ def tok():
     from keras_tune.models.tiny import tiny_tokenizer
 
     return tiny_tokenizer("gemma3")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach a host fails at once: the tests that use it must work offline.
+
+    Modules whose every test must be offline use it with `pytestmark = pytest.mark.usefixtures("no_network")`.
+    """
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr("socket.getaddrinfo", refuse)
+    monkeypatch.setattr("socket.create_connection", refuse)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model is built."""
+    from keras_tune.models import loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(loader, "load_causal_lm", refuse)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private keras_tune cache for one test; returns its GGUF folder."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KERAS_TUNE_CACHE", str(root))
+    return root / "gguf"

@@ -8,6 +8,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_tune"
 MAX_FUNCTION_LINES = 80
 # A function may run longer only with a comment on its first line saying why.
 _LONG_OK = re.compile(r"#.*\blong:")
+MAX_PARAMETERS = 7
+# A function may take more only with a comment on its first line saying why.
+_MANY_OK = re.compile(r"#.*\bmany:")
 # Private attributes of other packages: only keras_tune/compat.py may touch them.
 _PRIVATE_USES = re.compile(r"keras\.src|_flatten_layers|_compute_attention_mask|\._kernel\b|_type_traits|_lora_enabled_layers|\._lora_rank")
 
@@ -16,15 +19,21 @@ def _sources():
     return sorted(PACKAGE.rglob("*.py"))
 
 
-def test_no_function_runs_over_80_lines_without_saying_why():
-    long = []
+def _functions():
+    """`(where, node, first line)` of every function in keras_tune/."""
     for path in _sources():
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > MAX_FUNCTION_LINES and not _LONG_OK.search(lines[node.lineno - 1]):
-                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
+                yield f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}", node, lines[node.lineno - 1]
+
+
+def test_no_function_runs_over_80_lines_without_saying_why():
+    long = []
+    for where, node, first in _functions():
+        length = node.end_lineno - node.lineno + 1
+        if length > MAX_FUNCTION_LINES and not _LONG_OK.search(first):
+            long.append(f"{where} ({length} lines)")
     assert not long, long
 
 
@@ -135,22 +144,14 @@ def test_no_import_cycle_between_modules():
     assert not cycles, cycles
 
 
-MAX_PARAMETERS = 7
-# A function may take more only with a comment on its first line saying why.
-_MANY_OK = re.compile(r"#.*\bmany:")
-
-
 def test_no_function_takes_more_than_7_parameters_without_saying_why():
     many = []
-    for path in _sources():
-        lines = path.read_text().splitlines()
-        for node in ast.walk(ast.parse("\n".join(lines))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                arguments = node.args
-                names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
-                names = [name for name in names if name not in ("self", "cls")]
-                if len(names) > MAX_PARAMETERS and not _MANY_OK.search(lines[node.lineno - 1]):
-                    many.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({len(names)} parameters)")
+    for where, node, first in _functions():
+        arguments = node.args
+        names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+        names = [name for name in names if name not in ("self", "cls")]
+        if len(names) > MAX_PARAMETERS and not _MANY_OK.search(first):
+            many.append(f"{where} ({len(names)} parameters)")
     assert not many, many
 
 

@@ -17,6 +17,8 @@ from keras_tune.data import make_datasets, layout, tokens
 from keras_tune.data.chat import END, MODEL, USER
 from keras_tune.errors import UserError
 
+from helpers import ids, rows
+
 DEFAULTS = dict(
     name="code",
     path="",
@@ -41,37 +43,16 @@ DEFAULTS = dict(
     cross_document_attention=True,
 )
 BOS, EOS, PAD = 2, 1, 0
+# Any attempt to reach a host fails at once: these tests must work offline.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def data_config(**overrides):
     return ml_collections.ConfigDict(dict(DEFAULTS, **overrides))
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to reach a host fails at once: these tests must work offline."""
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr("socket.getaddrinfo", refuse)
-    monkeypatch.setattr("socket.create_connection", refuse)
-
-
-def ids(tok, text):
-    return [int(i) for i in np.asarray(tok(text)).reshape(-1)]
-
-
 def batches(dataset):
     return list(dataset.as_numpy_iterator())
-
-
-def rows(dataset):
-    """All rows of a dataset as (token_ids, padding_mask, y, weight) lists, batch by batch."""
-    out = []
-    for x, y, w in dataset.as_numpy_iterator():
-        for i in range(len(y)):
-            out.append((x["token_ids"][i], x["padding_mask"][i], y[i], w[i]))
-    return out
 
 
 def write_jsonl(path, records):

@@ -18,8 +18,8 @@ from keras_tune import config as config_lib
 from keras_tune import training
 from keras_tune.data import make_datasets, streams
 from keras_tune.models.tiny import tiny_tokenizer
-from test_data_tfds import build_tfds_data_dir
-from test_resume import _adapter, _assert_same_metrics, _max_diff
+
+from helpers import adapter_arrays, assert_same_metrics, build_tfds_data_dir, max_diff
 
 PAIRS = {
     "train": [(f"the cat number {i} sleeps" + " and purrs" * (3 * (i % 3)),
@@ -133,5 +133,5 @@ def test_a_run_resumed_across_epoch_ends_equals_the_uninterrupted_run(data_dir, 
     os.remove(out / "adapter.npz")
     result = training.run(_config(data_dir, batching, out))
     assert result.initial_step == killed_after and result.final_step == STEPS
-    assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
-    _assert_same_metrics(reference, str(out), steps=STEPS)
+    assert max_diff(adapter_arrays(os.path.join(reference, "adapter.npz")), adapter_arrays(out / "adapter.npz")) <= 1e-6
+    assert_same_metrics(reference, str(out), steps=STEPS)

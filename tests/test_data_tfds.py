@@ -1,21 +1,19 @@
 """The TFDS recipes (imdb, mtnt) through real TFDS data directories built by the tests.
 
-How the data directories are made, without network and without mocking the
-loading: the tests write small archives in the exact layout of the real
-downloads (`aclImdb_v1.tar.gz` with `aclImdb/{train,test}/{pos,neg}/*.txt`;
-`MTNT.1.1.tar.gz` with `MTNT/{train,valid,test}/*.en-fr.tsv`) into a TFDS
-download directory, under the file name and with the `.INFO` record that TFDS's
-own `DownloadManager` gives a finished download (written with TFDS's
-`resource.write_info_file`). The real builders (`imdb_reviews`, `mtnt/en-fr`)
-then run `download_and_prepare`: TFDS finds the download cached, extracts or
-iterates the archive, runs the builder's own example generation and writes the
-tfrecord shards and `dataset_info.json`. The recipes read them with
-`tfds.load(name, data_dir=...)`, exactly as in production. Sockets are disabled
-for every test here, so nothing can reach the network.
+How the data directories are made (`helpers.build_tfds_data_dir`), without
+network and without mocking the loading: the tests write small archives in the
+exact layout of the real downloads (`aclImdb_v1.tar.gz` with
+`aclImdb/{train,test}/{pos,neg}/*.txt`; `MTNT.1.1.tar.gz` with
+`MTNT/{train,valid,test}/*.en-fr.tsv`) into a TFDS download directory, under the
+file name and with the `.INFO` record that TFDS's own `DownloadManager` gives a
+finished download (written with TFDS's `resource.write_info_file`). The real
+builders (`imdb_reviews`, `mtnt/en-fr`) then run `download_and_prepare`: TFDS
+finds the download cached, extracts or iterates the archive, runs the builder's
+own example generation and writes the tfrecord shards and `dataset_info.json`.
+The recipes read them with `tfds.load(name, data_dir=...)`, exactly as in
+production. Sockets are disabled for every test here, so nothing can reach the
+network.
 """
-
-import io
-import tarfile
 
 import keras_hub
 import ml_collections
@@ -26,11 +24,12 @@ from keras_tune.data import make_datasets
 from keras_tune.data.tfds_source import load_split
 from keras_tune.errors import UserError
 from keras_tune.models.tiny import tiny_tokenizer
-from test_data import ids
 
-IMDB_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-MTNT_URL = "https://github.com/pmichel31415/mtnt/releases/download/v1.1/MTNT.1.1.tar.gz"
+from helpers import TFDS_PAIRS, TFDS_REVIEWS, build_tfds_data_dir, ids, rows
+
 BOS, EOS, PAD = 2, 1, 0
+# Sockets are disabled for every test here (conftest.py's `no_network`).
+pytestmark = pytest.mark.usefixtures("no_network")
 
 DEFAULTS = dict(
     name="imdb", path="", data_dir="", max_examples=0, seq_len=32, batch_size=2,
@@ -40,99 +39,13 @@ DEFAULTS = dict(
     key_tokens=("plt", "pd", "sk", "fit", "predict"), key_token_alpha=0.0, shuffle_buffer=10000,
 )
 
-REVIEWS = {
-    "train": [f"Review {i}: the film was {'great' if i % 2 else 'dull'}; " + "really " * i for i in range(8)],
-    "test": [f"Test review {i}, a {'fine' if i % 2 else 'bad'} movie." for i in range(5)],
-}
-PAIRS = {
-    "train": [(f"hello number {i}", f"bonjour numero {i}") for i in range(6)],
-    "valid": [("good morning", "bonjour"), ("thank you", "merci"), ("see you", "a bientot")],
-    "test": [("yes", "oui")],
-}
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr("socket.getaddrinfo", refuse)
-    monkeypatch.setattr("socket.create_connection", refuse)
-
-
 def data_config(**overrides):
     return ml_collections.ConfigDict(dict(DEFAULTS, **overrides))
 
 
-def tar_gz(files):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode("utf-8")
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def prepare(name, url, archive, data_dir, download_dir):
-    """Places `archive` where TFDS keeps a finished download of `url`, then runs the real builder."""
-    import tensorflow_datasets as tfds
-    from etils import epath
-    from tensorflow_datasets.core.download import checksums, resource
-
-    builder = tfds.builder(name, data_dir=str(data_dir))
-    registered = builder.url_infos.get(url) if builder.url_infos else None
-    # TFDS names a download by url and (when registered) checksum; the INFO file
-    # next to it is what marks it as complete.
-    path = epath.Path(download_dir) / resource.get_dl_fname(url, registered.checksum if registered else None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(archive)
-    info = registered or checksums.compute_url_info(path)
-    resource.write_info_file(url=url, path=path, dataset_name=builder.name, original_fname=url.split("/")[-1],
-                             url_info=info)
-    builder.download_and_prepare(
-        download_dir=str(download_dir), download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-
-
-def build_tfds_data_dir(root, reviews=None, pairs=None):
-    """Prepares `imdb_reviews` and `mtnt/en-fr` under `root/data` offline; returns that data_dir.
-
-    Other tests (e.g. `keras_tune.fit --data imdb --data-dir ...` end to end) can
-    import this: `from test_data_tfds import build_tfds_data_dir`.
-
-    Args:
-        root: a fresh directory (pathlib.Path).
-        reviews: {"train": [...], "test": [...]} review texts (default `REVIEWS`).
-        pairs: {"train"|"valid"|"test": [(src, dst), ...]} (default `PAIRS`).
-    """
-    reviews, pairs = reviews or REVIEWS, pairs or PAIRS
-    data_dir, downloads = root / "data", root / "downloads"
-    imdb = {}
-    for split, texts in reviews.items():
-        for i, text in enumerate(texts):
-            imdb[f"aclImdb/{split}/{'pos' if i % 2 else 'neg'}/{i}_{i % 10}.txt"] = text
-    imdb["aclImdb/train/unsup/0_0.txt"] = "an unlabelled review"
-    prepare("imdb_reviews", IMDB_URL, tar_gz(imdb), data_dir, downloads)
-    mtnt = {
-        f"MTNT/{split}/{split}.en-fr.tsv": "".join(f"{split}{i}\t{s}\t{d}\n" for i, (s, d) in enumerate(rows))
-        for split, rows in pairs.items()
-    }
-    prepare("mtnt/en-fr", MTNT_URL, tar_gz(mtnt), data_dir, downloads)
-    return str(data_dir)
-
-
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    return build_tfds_data_dir(tmp_path_factory.mktemp("tfds"))
-
-
-def rows(dataset):
-    out = []
-    for x, y, w in dataset.as_numpy_iterator():
-        out += [(x["token_ids"][i], x["padding_mask"][i], y[i], w[i]) for i in range(len(y))]
-    return out
+    return build_tfds_data_dir(tmp_path_factory.mktemp("tfds"), reviews=TFDS_REVIEWS, pairs=TFDS_PAIRS)
 
 
 def test_imdb_from_tfds_dir_pad_matches_keras_hub(tfds_dir, tok):
@@ -143,7 +56,7 @@ def test_imdb_from_tfds_dir_pad_matches_keras_hub(tfds_dir, tok):
     assert "imdb_reviews train" in report.train.source and "test" in report.validation.source
     got = rows(bundle.train)
     texts = [t.decode() for t in (ex["text"].numpy() for ex in load_split("imdb_reviews", "train", tfds_dir)[0])]
-    assert sorted(texts) == sorted(t.strip() for t in REVIEWS["train"])  # labels dropped; the builder strips
+    assert sorted(texts) == sorted(t.strip() for t in TFDS_REVIEWS["train"])  # labels dropped; the builder strips
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer=tiny_tokenizer("gemma"), sequence_length=24)
     x, y, w = preprocessor(texts)
     truncated = 0
@@ -179,7 +92,7 @@ def test_mtnt_from_tfds_dir_exact_layout(tfds_dir, tok):
     assert report.train.read == 6 and report.validation.read == 3 and report.train.dropped == {}
     stored = [(ex["src"].numpy().decode(), ex["dst"].numpy().decode())
               for ex in load_split("mtnt/en-fr", "train", tfds_dir)[0]]
-    assert sorted(stored) == sorted(PAIRS["train"])
+    assert sorted(stored) == sorted(TFDS_PAIRS["train"])
     for (token_ids, mask, y, w), (src, dst) in zip(rows(bundle.train), stored):
         prompt = ids(tok, f"Translate this into French:\n{src}\n")
         target = ids(tok, dst)
@@ -188,7 +101,7 @@ def test_mtnt_from_tfds_dir_exact_layout(tfds_dir, tok):
         assert (token_ids[len(row):] == PAD).all() and mask.sum() == len(row)
         assert w.tolist() == [0.0] * len(prompt) + [1.0] * (len(target) + 1) + [0.0] * (40 - len(row) + 1)
     val_targets = sorted(tuple(y[w > 0].tolist()) for _, _, y, w in rows(bundle.validation) if w.any())
-    assert val_targets == sorted(tuple(ids(tok, d) + [EOS]) for _, d in PAIRS["valid"])
+    assert val_targets == sorted(tuple(ids(tok, d) + [EOS]) for _, d in TFDS_PAIRS["valid"])
 
 
 def test_mtnt_auto_packs_whole_pairs_where_that_fills_a_batch_and_buckets_otherwise(tfds_dir, tok):

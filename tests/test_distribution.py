@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
-from keras_tune.distribution import layout_dir, load_layout, parse_mesh, plan_sharding, resolve_layout
+from keras_tune.distribution import load_layout, parse_mesh, plan_sharding, resolve_layout
 from keras_tune.errors import UserError
 from keras_tune.training import run
-from keras_tune.lora import apply_lora
-from keras_tune.models.loader import abstract_model, load_causal_lm
-from keras_tune.optim import build_optimizer
+from keras_tune.models.loader import abstract_model
+
+from helpers import assert_planned_specs, lora_model_under_plan, one_step, unmatched_layout
 
 REAL_PRESETS = [
     name for name in config_lib.list_presets() if config_lib.load_config(name).model.source == "kaggle"
@@ -80,11 +80,7 @@ def test_single_kv_head_falls_back_to_sharding_hidden():
 
 
 def test_layout_rule_matching_nothing_is_named(tmp_path):
-    layout = json.loads((layout_dir() / "gemma_tp.json").read_text())
-    layout["rules"].append({"pattern": "decoder_block.*mlp/kernel", "axes": [None, "model"]})
-    path = tmp_path / "broken.json"
-    path.write_text(json.dumps(layout))
-    config = config_lib.load_config("gemma_tiny", overrides={"distribution.layout": str(path)})
+    config = config_lib.load_config("gemma_tiny", overrides={"distribution.layout": unmatched_layout(tmp_path)})
     with pytest.raises(UserError, match=r"rule 'decoder_block\.\*mlp/kernel' matches no variable"):
         plan_sharding(config, abstract_model(config).weights)
 
@@ -102,57 +98,22 @@ def test_dimension_that_cannot_divide_names_rule_variable_shape_axis(tmp_path):
 
 @pytest.mark.parametrize("preset, layout", [("gemma_tiny", "gemma_tp"), ("gemma2_tiny", "gemma2_fsdp"), ("gemma3_tiny", "gemma3_tp")])
 def test_variables_carry_the_layout_partition_spec(preset, layout):
-    config = config_lib.load_config(preset, overrides={"distribution.mesh": "2x4", "distribution.layout": layout})
-    plan = plan_sharding(config, abstract_model(config).weights)
-    keras.distribution.set_distribution(plan.distribution())
-    causal_lm = load_causal_lm(config)
-    apply_lora(causal_lm, config.lora.rank, config.lora.targets)
-    expected = {p.path: p.axes for p in plan.placements}
-    checked = 0
-    for variable in causal_lm.backbone.weights:
-        spec = tuple(variable.value.sharding.spec)
-        axes = expected[variable.path]
-        assert spec + (None,) * (len(axes) - len(spec)) == axes, variable.path
-        checked += any(axes)
+    config, plan, causal_lm = lora_model_under_plan(preset, {"distribution.mesh": "2x4", "distribution.layout": layout})
+    checked = sum(any(axes) for _, axes in assert_planned_specs(causal_lm, plan))
     assert checked >= 5 * config.model.arch.num_layers
-
-
-def _one_step(preset, mesh, devices):
-    config = config_lib.load_config(preset, overrides={"distribution.mesh": mesh, "train.seed": 7})
-    plan = plan_sharding(config, abstract_model(config).weights, devices=devices)
-    keras.distribution.set_distribution(plan.distribution())
-    causal_lm = load_causal_lm(config)
-    apply_lora(causal_lm, config.lora.rank, config.lora.targets)
-    causal_lm.compile(
-        optimizer=build_optimizer(config.optimizer, total_steps=10),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    rng = np.random.default_rng(0)
-    batch, length = config.data.batch_size, config.data.seq_len
-    tokens = rng.integers(4, 1000, size=(batch, length + 1)).astype("int32")
-    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((batch, length), bool)}
-    weights = np.ones((batch, length), "float32")
-    weights[:, :5] = 0.0  # a prompt: no loss there
-    base_before = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.weights if "lora" not in v.path}
-    causal_lm.preprocessor = None
-    loss = float(causal_lm.train_on_batch(x, tokens[:, 1:], sample_weight=weights, return_dict=True)["loss"])
-    lora = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.trainable_weights}
-    base_after = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.weights if "lora" not in v.path}
-    keras.distribution.set_distribution(None)
-    return loss, lora, base_before, base_after
 
 
 @pytest.mark.parametrize("preset", ["gemma_tiny", "gemma3_tiny"])
 def test_one_step_gives_the_same_loss_and_lora_update_on_every_mesh(preset):
     devices = keras.distribution.list_devices()
-    reference_loss, reference_lora, before, after = _one_step(preset, "1x1", devices[:1])
+    reference_loss, reference_lora, before, after = one_step(preset, "1x1", devices[:1])
     # LoRA training leaves the base weights bit-identical.
     assert before.keys() == after.keys()
     for path in before:
         np.testing.assert_array_equal(before[path], after[path], err_msg=path)
     assert all(path.endswith(("lora_kernel_a", "lora_kernel_b")) for path in reference_lora)
     for mesh in ("1x8", "2x4", "4x2", "8x1"):
-        loss, lora, _, _ = _one_step(preset, mesh, devices)
+        loss, lora, _, _ = one_step(preset, mesh, devices)
         np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, err_msg=mesh)
         for path, value in reference_lora.items():
             # Adam divides by sqrt(v) + eps, so a near-zero gradient's reduction-order

@@ -10,6 +10,8 @@ import pytest
 
 from keras_tune.errors import UserError
 
+from helpers import TINY_ARCH
+
 TEXTS = [
     "The river rises in the hills and flows east to the sea.",
     "",
@@ -24,20 +26,8 @@ def tiny_lm():
 
     from keras_tune.models.tiny import tiny_tokenizer
 
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=1024,
-        image_size=None,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=1,
-        hidden_dim=32,
-        intermediate_dim=64,
-        head_dim=8,
-        use_post_ffw_norm=True,
-        use_post_attention_norm=True,
-        use_sliding_window_attention=True,
-        sliding_window_size=8,
-    )
+    # The GGUF tests' tiny Gemma 3, narrower.
+    backbone = keras_hub.models.Gemma3Backbone(**dict(TINY_ARCH, hidden_dim=32, intermediate_dim=64, head_dim=8))
     rng = np.random.default_rng(0)
     for variable in backbone.weights:
         variable.assign(rng.normal(0, 0.2, size=variable.shape).astype("float32"))

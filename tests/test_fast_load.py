@@ -13,15 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_gguf import TINY_IDS, _copy_gguf, _logits, _q8_0, _tiny_causal_lm
 
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private keras_tune cache for one test."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("KERAS_TUNE_CACHE", str(root))
-    return root / "gguf"
+from helpers import TINY_IDS, copy_gguf, q8_0, sequence_logits, tiny_causal_lm, tp_layout_map
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +23,8 @@ def q8_gguf(tmp_path_factory):
     from keras_tune.models.exports.gguf import export_gguf
 
     folder = tmp_path_factory.mktemp("fast")
-    f32 = export_gguf(_tiny_causal_lm(seed=5), folder / "tiny-f32.gguf")
-    return _copy_gguf(f32, folder / "tiny-q8_0.gguf", _q8_0)
+    f32 = export_gguf(tiny_causal_lm(seed=5), folder / "tiny-f32.gguf")
+    return copy_gguf(f32, folder / "tiny-q8_0.gguf", q8_0)
 
 
 @pytest.fixture
@@ -113,7 +106,7 @@ def test_cached_load_runs_no_initializer_and_equals_the_cache(q8_gguf, cache, ca
         np.testing.assert_array_equal(value, expected, err_msg=name)
     for original, loaded in zip(fresh.backbone.weights, cached.backbone.weights):
         np.testing.assert_array_equal(np.asarray(original.value), np.asarray(loaded.value), err_msg=original.path)
-    np.testing.assert_array_equal(_logits(cached, TINY_IDS), _logits(fresh, TINY_IDS))
+    np.testing.assert_array_equal(sequence_logits(cached, TINY_IDS), sequence_logits(fresh, TINY_IDS))
     assert not list(cache.glob("*.partial*"))
 
 
@@ -164,17 +157,6 @@ def test_leftover_variables_get_their_own_initializer():
         compat.set_keras_global_attribute("uninitialized_variables", [])
 
 
-def _layout_map(mesh):
-    import keras
-
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["token_embedding/embeddings"] = ("model", None)
-    layout_map["decoder_block.*attention/query/kernel"] = (None, "model", None)
-    layout_map["decoder_block.*ffw_gating(_2)?/kernel"] = (None, "model")
-    layout_map["decoder_block.*ffw_linear/kernel"] = ("model", None)
-    return layout_map
-
-
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_sharded_load_equals_unsharded(q8_gguf, cache, caplog, dtype):
     import jax
@@ -182,7 +164,7 @@ def test_sharded_load_equals_unsharded(q8_gguf, cache, caplog, dtype):
 
     reference, _ = _load(q8_gguf, caplog, dtype=dtype)  # builds the cache
     mesh = keras.distribution.DeviceMesh((1, 8), ("batch", "model"), devices=jax.devices()[:8])
-    distribution = keras.distribution.ModelParallel(layout_map=_layout_map(mesh), batch_dim_name="batch")
+    distribution = keras.distribution.ModelParallel(layout_map=tp_layout_map(mesh), batch_dim_name="batch")
     with distribution.scope():
         sharded, source = _load(q8_gguf, caplog, dtype=dtype)
         assert source == "cache"
@@ -194,14 +176,14 @@ def test_sharded_load_equals_unsharded(q8_gguf, cache, caplog, dtype):
         assert kernel.addressable_shards[0].data.shape == (64, 128 // 8)
         embeddings = sharded.backbone.get_layer("token_embedding").embeddings.value
         assert embeddings.addressable_shards[0].data.shape == (1024 // 8, 64)
-        sharded_logits = _logits(sharded, TINY_IDS)
+        sharded_logits = sequence_logits(sharded, TINY_IDS)
     for original, loaded in zip(reference.backbone.weights, sharded.backbone.weights):
         assert str(loaded.dtype) == str(original.dtype)
         np.testing.assert_array_equal(
             np.asarray(original.value, dtype="float32"), np.asarray(loaded.value, dtype="float32"), err_msg=original.path
         )
     if dtype is None:  # in bfloat16, sharded matmuls round in another order: equal weights are the check
-        np.testing.assert_allclose(sharded_logits, _logits(reference, TINY_IDS), atol=1e-5)
+        np.testing.assert_allclose(sharded_logits, sequence_logits(reference, TINY_IDS), atol=1e-5)
 
 
 def test_tokenizer_is_cached_by_content(q8_gguf, cache, monkeypatch):
@@ -240,7 +222,7 @@ def test_float_gguf_tokenizer_is_not_cached(cache, tmp_path):
     from keras_tune.models.exports.gguf import export_gguf
     from keras_tune.models.gguf.vocabulary import gguf_tokenizer
 
-    path = export_gguf(_tiny_causal_lm(seed=6), tmp_path / "tiny-f32.gguf")
+    path = export_gguf(tiny_causal_lm(seed=6), tmp_path / "tiny-f32.gguf")
     gguf_tokenizer(path)
     assert not cache.exists() or not list(cache.glob("*.model"))
 
@@ -292,4 +274,4 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(q8_gguf, ca
                                       err_msg=variable.path)
     embedding = quantized.backbone.get_layer("token_embedding")
     assert embedding.quantization_mode == mode and str(embedding.dtype_policy.name).startswith(mode)
-    np.testing.assert_array_equal(_logits(quantized, TINY_IDS), _logits(reference, TINY_IDS))
+    np.testing.assert_array_equal(sequence_logits(quantized, TINY_IDS), sequence_logits(reference, TINY_IDS))

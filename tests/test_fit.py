@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -14,42 +13,11 @@ import pytest
 from keras_tune import config as config_lib
 from keras_tune import cli, fit, training
 from keras_tune.rundir import read_rows
-from keras_tune.distribution import layout_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, unmatched_layout, write_corpus
+
 # TensorFlow and XLA log a few lines to stderr when they load; they are not ours.
 _LIBRARY_LOG = re.compile(r"^(WARNING: All log messages before absl|[IWE]\d{4} )")
-
-
-def write_corpus(path, paragraphs=300, seed=0):
-    """A text file of blank-line separated paragraphs over a small vocabulary."""
-    words = ("the model learns small words from a tiny corpus and every step makes the loss go down "
-             "while the data stays the same").split()
-    rng = random.Random(seed)
-    with open(path, "w") as file:
-        file.write("\n\n".join(
-            " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(paragraphs)
-        ))
-    return str(path)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if a model is built."""
-    from keras_tune.models import loader
-
-    def refuse(config):
-        raise AssertionError("a model was built")
-
-    monkeypatch.setattr(loader, "load_causal_lm", refuse)
-
-
-def _unmatched_layout(tmp_path):
-    layout = json.loads((layout_dir() / "gemma_tp.json").read_text())
-    layout["rules"].append({"pattern": "decoder_block.*mlp/kernel", "axes": [None, "model"]})
-    path = tmp_path / "broken.json"
-    path.write_text(json.dumps(layout))
-    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +39,7 @@ def _unmatched_layout(tmp_path):
     ],
 )
 def test_bad_flags_print_one_error_line_and_build_nothing(argv, fragment, tmp_path, capsys, no_model):
-    argv = [a.replace("UNMATCHED", _unmatched_layout(tmp_path)).replace("EMPTY", str(tmp_path / "run")) for a in argv]
+    argv = [a.replace("UNMATCHED", unmatched_layout(tmp_path)).replace("EMPTY", str(tmp_path / "run")) for a in argv]
     code = fit.main(["--preset", "gemma_tiny", *argv])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -12,23 +12,7 @@ import pytest
 
 from keras_tune.errors import UserError
 
-TINY_ARCH = dict(
-    vocabulary_size=1024,
-    image_size=None,
-    num_layers=2,
-    num_query_heads=4,
-    num_key_value_heads=1,
-    hidden_dim=64,
-    intermediate_dim=128,
-    head_dim=16,
-    query_head_dim_normalize=True,
-    use_query_key_norm=True,
-    use_post_ffw_norm=True,
-    use_post_attention_norm=True,
-    use_sliding_window_attention=True,
-    sliding_window_size=8,
-    layer_norm_epsilon=1e-6,
-)
+from helpers import TINY_ARCH, TINY_IDS, copy_gguf, q8_0, sequence_logits, tiny_causal_lm, tp_layout_map
 
 # Encyclopedic English written for these tests (not from any corpus).
 PARAGRAPH = (
@@ -44,57 +28,9 @@ PARAGRAPH = (
 )
 
 
-def _randomize(backbone, seed=0):
-    """Random weights; norm scales on a 1/64 grid so llama.cpp's +1 round-trips exactly."""
-    rng = np.random.default_rng(seed)
-    for variable in backbone.weights:
-        if variable.path.endswith("scale"):
-            value = rng.integers(-32, 33, size=variable.shape) / 64.0
-        else:
-            value = rng.normal(0.0, 0.08, size=variable.shape)
-        variable.assign(value.astype("float32"))
-
-
-def _tiny_causal_lm(seed=0, sequence_length=32):
-    import keras_hub
-
-    from keras_tune.models.tiny import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer("gemma3")
-    backbone = keras_hub.models.Gemma3Backbone(**TINY_ARCH)
-    _randomize(backbone, seed)
-    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
-        tokenizer=tokenizer, image_converter=None, sequence_length=sequence_length
-    )
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
-
-
-def _logits(causal_lm, token_ids):
-    """Logits of one sequence, through one jitted call (eager op-by-op dispatch is slow when sharded)."""
-    import jax
-
-    token_ids = np.asarray(token_ids, dtype="int32")[None, :]
-    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
-    forward = jax.jit(lambda trainable, other, x: causal_lm.stateless_call(trainable, other, x)[0])
-    trainable = [v.value for v in causal_lm.trainable_variables]
-    other = [v.value for v in causal_lm.non_trainable_variables]
-    return np.asarray(forward(trainable, other, inputs), dtype="float32")
-
-
-TINY_IDS = [2, 17, 300, 5, 999, 42, 8, 8, 8, 511, 1000, 3, 77, 64, 12, 700, 33, 1]
-
-
 @pytest.fixture(scope="module")
 def tiny_lm():
-    return _tiny_causal_lm()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private keras_tune cache for one test."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("KERAS_TUNE_CACHE", str(root))
-    return root / "gguf"
+    return tiny_causal_lm()
 
 
 @pytest.fixture(scope="module")
@@ -106,49 +42,9 @@ def tiny_gguf(tiny_lm, tmp_path_factory):
     return path
 
 
-def _copy_gguf(source_path, path, convert):
-    """Rewrites a GGUF tensor by tensor: `convert(name, float32 array)` -> (array, raw ggml type or None)."""
-    import gguf
-
-    from keras_tune.models.gguf.file import read_gguf
-
-    with read_gguf(source_path) as source:
-        writer = gguf.GGUFWriter(str(path), source.metadata["general.architecture"])
-        for key, value in source.metadata.items():
-            if key == "general.architecture":
-                continue
-            if isinstance(value, str):
-                writer.add_string(key, value)
-            elif isinstance(value, (list, np.ndarray)):
-                writer.add_array(key, list(value) if isinstance(value, list) else value.tolist())
-            elif isinstance(value, bool):
-                writer.add_bool(key, value)
-            elif isinstance(value, float):
-                writer.add_float32(key, value)
-            else:
-                writer.add_uint32(key, value)
-        for name in source.tensors:
-            array, raw_dtype = convert(name, source.tensor(name))
-            writer.add_tensor(name, array, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return path
-
-
-def _q8_0(name, array):
-    """2-D tensors to Q8_0 (as llama-quantize would), norms stay F32."""
-    import gguf
-
-    if array.ndim < 2:
-        return array, None
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-
-
 @pytest.fixture(scope="module")
 def tiny_q8_gguf(tiny_gguf, tmp_path_factory):
-    return _copy_gguf(tiny_gguf, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", _q8_0)
+    return copy_gguf(tiny_gguf, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", q8_0)
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +61,7 @@ def test_round_trip_f32_is_exact(tiny_lm, tiny_gguf, cache):
     for original, imported in zip(tiny_lm.backbone.weights, loaded.backbone.weights):
         assert original.path == imported.path
         np.testing.assert_array_equal(np.asarray(original.value), np.asarray(imported.value), err_msg=original.path)
-    np.testing.assert_array_equal(_logits(tiny_lm, TINY_IDS), _logits(loaded, TINY_IDS))
+    np.testing.assert_array_equal(sequence_logits(tiny_lm, TINY_IDS), sequence_logits(loaded, TINY_IDS))
 
 
 def test_round_trip_tokenizer_ids(tiny_lm, tiny_gguf, cache):
@@ -197,7 +93,9 @@ def test_round_trip_f16_is_close(tiny_lm, tmp_path, cache):
     assert types["blk.0.ffn_up.weight"] == "F16" and types["token_embd.weight"] == "F16"
     assert types["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay F32, as llama.cpp writes them
     loaded = load_gguf_causal_lm(path)
-    np.testing.assert_allclose(_logits(loaded, TINY_IDS), _logits(tiny_lm, TINY_IDS), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(
+        sequence_logits(loaded, TINY_IDS), sequence_logits(tiny_lm, TINY_IDS), atol=2e-2, rtol=1e-2
+    )
 
 
 def test_bfloat16_load_keeps_small_norm_scales(tmp_path, cache):
@@ -205,7 +103,7 @@ def test_bfloat16_load_keeps_small_norm_scales(tmp_path, cache):
     from keras_tune.models.exports.gguf import export_gguf
     from keras_tune.models.gguf.load import load_gguf_causal_lm
 
-    causal_lm = _tiny_causal_lm(seed=2)
+    causal_lm = tiny_causal_lm(seed=2)
     norm = causal_lm.backbone.get_layer("decoder_block_0").pre_attention_norm.scale
     scales = np.random.default_rng(0).normal(0.0, 0.05, size=norm.shape).astype("float32")
     norm.assign(scales)
@@ -274,7 +172,7 @@ def test_export_merges_lora(tmp_path, cache):
     from keras_tune.models.exports.gguf import export_gguf
     from keras_tune.models.gguf.load import load_gguf_causal_lm
 
-    causal_lm = _tiny_causal_lm(seed=1)
+    causal_lm = tiny_causal_lm(seed=1)
     block = causal_lm.backbone.get_layer("decoder_block_0")
     block.attention.query_dense.enable_lora(4, lora_alpha=8)
     block.gating_ffw.enable_lora(2)
@@ -283,7 +181,9 @@ def test_export_merges_lora(tmp_path, cache):
         layer.lora_kernel_b.assign(rng.normal(0, 0.1, size=layer.lora_kernel_b.shape).astype("float32"))
     path = export_gguf(causal_lm, tmp_path / "merged.gguf")
     loaded = load_gguf_causal_lm(path)
-    np.testing.assert_allclose(_logits(loaded, TINY_IDS), _logits(causal_lm, TINY_IDS), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        sequence_logits(loaded, TINY_IDS), sequence_logits(causal_lm, TINY_IDS), atol=1e-4, rtol=1e-4
+    )
     assert not any("lora" in v.path for v in loaded.backbone.weights)
 
 
@@ -359,7 +259,7 @@ def test_undecodable_tensor_type_is_refused(tiny_gguf, tmp_path, cache):
     def f64_norm(name, array):
         return (array.astype(np.float64) if name == "output_norm.weight" else array), None
 
-    path = _copy_gguf(tiny_gguf, tmp_path / "f64.gguf", f64_norm)
+    path = copy_gguf(tiny_gguf, tmp_path / "f64.gguf", f64_norm)
     with pytest.raises(UserError, match="F64 cannot be dequantized"):
         load_gguf_causal_lm(path)
 
@@ -371,8 +271,8 @@ def test_quantized_gguf_loads_close_to_float(tiny_lm, tiny_q8_gguf, cache):
     with read_gguf(tiny_q8_gguf) as gguf_file:
         assert gguf_file.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
     loaded = load_gguf_causal_lm(tiny_q8_gguf)
-    reference = _logits(tiny_lm, TINY_IDS)
-    assert np.abs(_logits(loaded, TINY_IDS) - reference).max() < 0.05 * np.abs(reference).max()
+    reference = sequence_logits(tiny_lm, TINY_IDS)
+    assert np.abs(sequence_logits(loaded, TINY_IDS) - reference).max() < 0.05 * np.abs(reference).max()
 
 
 # --------------------------------------------------------------------------
@@ -394,10 +294,10 @@ def test_cache_is_reused_and_rebuilt_when_damaged(tiny_q8_gguf, cache, caplog):
     assert source == "gguf"
     (cache_file,) = cache.glob("*.bin")
     assert not list(cache.glob("*.partial*"))
-    reference = _logits(fresh, TINY_IDS)
+    reference = sequence_logits(fresh, TINY_IDS)
     cached, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "cache"
-    np.testing.assert_array_equal(_logits(cached, TINY_IDS), reference)
+    np.testing.assert_array_equal(sequence_logits(cached, TINY_IDS), reference)
 
     size = cache_file.stat().st_size
     damaged = [
@@ -411,7 +311,7 @@ def test_cache_is_reused_and_rebuilt_when_damaged(tiny_q8_gguf, cache, caplog):
         loaded, source = _load_source(caplog, tiny_q8_gguf)
         assert source == "gguf"
         assert cache_file.stat().st_size == size
-        np.testing.assert_array_equal(_logits(loaded, TINY_IDS), reference)
+        np.testing.assert_array_equal(sequence_logits(loaded, TINY_IDS), reference)
     _, source = _load_source(caplog, tiny_q8_gguf)
     assert source == "cache"
 
@@ -430,7 +330,7 @@ def test_cache_is_keyed_by_content(tiny_q8_gguf, tmp_path, cache, caplog):
     path = tmp_path / "model.gguf"
     path.write_bytes(tiny_q8_gguf.read_bytes())
     first, _ = _load_source(caplog, path)
-    other = _copy_gguf(export_gguf(_tiny_causal_lm(seed=7), tmp_path / "other.gguf"), tmp_path / "other-q8.gguf", _q8_0)
+    other = copy_gguf(export_gguf(tiny_causal_lm(seed=7), tmp_path / "other.gguf"), tmp_path / "other-q8.gguf", q8_0)
     assert other.stat().st_size == path.stat().st_size
     path.write_bytes(other.read_bytes())
     replaced, source = _load_source(caplog, path)
@@ -438,8 +338,8 @@ def test_cache_is_keyed_by_content(tiny_q8_gguf, tmp_path, cache, caplog):
     assert len(list(cache.glob("*.bin"))) == 2
     same, source = _load_source(caplog, other)
     assert source == "cache"
-    np.testing.assert_array_equal(_logits(same, TINY_IDS), _logits(replaced, TINY_IDS))
-    assert not np.allclose(_logits(first, TINY_IDS), _logits(replaced, TINY_IDS))
+    np.testing.assert_array_equal(sequence_logits(same, TINY_IDS), sequence_logits(replaced, TINY_IDS))
+    assert not np.allclose(sequence_logits(first, TINY_IDS), sequence_logits(replaced, TINY_IDS))
 
 
 def test_registry_package_missing_is_a_user_error(monkeypatch):
@@ -617,22 +517,17 @@ def test_sharded_1x8_matches_1x1(real_lm, registry_path):
     from keras_tune.models.gguf.load import load_gguf_causal_lm
 
     mesh = keras.distribution.DeviceMesh((1, 8), ("batch", "model"), devices=jax.devices()[:8])
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map["token_embedding/embeddings"] = ("model", None)
-    layout_map["decoder_block.*attention/query/kernel"] = (None, "model", None)
-    layout_map["decoder_block.*ffw_gating(_2)?/kernel"] = (None, "model")
-    layout_map["decoder_block.*ffw_linear/kernel"] = ("model", None)
-    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    distribution = keras.distribution.ModelParallel(layout_map=tp_layout_map(mesh), batch_dim_name="batch")
     with distribution.scope():
         sharded = load_gguf_causal_lm(registry_path, sequence_length=64)
         kernel = sharded.backbone.get_layer("decoder_block_3").gating_ffw.kernel.value
         assert len(kernel.sharding.device_set) == 8
         assert kernel.addressable_shards[0].data.shape == (640, 2048 // 8)
         ids = [2] + np.asarray(real_lm.preprocessor.tokenizer(PARAGRAPH)).tolist()[:40]
-        sharded_logits = _logits(sharded, ids)
+        sharded_logits = sequence_logits(sharded, ids)
     del sharded, kernel
     gc.collect()
-    np.testing.assert_allclose(sharded_logits, _logits(real_lm, ids), atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(sharded_logits, sequence_logits(real_lm, ids), atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from keras_tune import compat
 from keras_tune import config as config_lib
 from keras_tune.lora import apply_lora
 from keras_tune.models.loader import load_causal_lm
+
+from helpers import fixed_logits, lora_layers
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("query", "value")
 
@@ -16,21 +17,12 @@ def _model(preset):
     return load_causal_lm(config_lib.load_config(preset, overrides={"train.seed": 0}))
 
 
-def _logits(causal_lm):
-    tokens = np.arange(4, 36, dtype="int32").reshape(2, 16)
-    return np.asarray(causal_lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
-
-
-def _lora_layers(causal_lm):
-    return [layer for layer in compat.sublayers(causal_lm.backbone) if getattr(layer, "lora_enabled", False)]
-
-
 @pytest.mark.parametrize("preset", ["gemma_tiny", "gemma3_tiny"])
 def test_kerashub_lora_h5_round_trip(preset, tmp_path):
     trained = _model(preset)
     apply_lora(trained, RANK, TARGETS, alpha=ALPHA)
     rng = np.random.default_rng(1)
-    for layer in _lora_layers(trained):
+    for layer in lora_layers(trained):
         # B starts at zero; random values make the adapter change the output.
         for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
             variable.assign(rng.normal(0, 0.05, variable.shape).astype("float32"))
@@ -39,16 +31,16 @@ def test_kerashub_lora_h5_round_trip(preset, tmp_path):
 
     fresh = _model(preset)
     apply_lora(fresh, RANK, TARGETS, alpha=ALPHA)
-    assert not np.allclose(_logits(fresh), _logits(trained), atol=1e-4)
+    assert not np.allclose(fixed_logits(fresh), fixed_logits(trained), atol=1e-4)
     fresh.backbone.load_lora_weights(path)
-    np.testing.assert_allclose(_logits(fresh), _logits(trained), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fixed_logits(fresh), fixed_logits(trained), rtol=1e-6, atol=1e-6)
 
     # keras-hub's own enable_lora numbers the same layers: the file lands on the same paths.
     kerashub = _model(preset)
     kerashub.backbone.enable_lora(RANK, target_layer_names=list(TARGETS))
     kerashub.backbone.load_lora_weights(path)
-    expected = {v.path: np.asarray(v) for layer in _lora_layers(trained) for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
-    loaded = {v.path: np.asarray(v) for layer in _lora_layers(kerashub) for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
+    expected = {v.path: np.asarray(v) for layer in lora_layers(trained) for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
+    loaded = {v.path: np.asarray(v) for layer in lora_layers(kerashub) for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
     assert sorted(loaded) == sorted(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(loaded[key], value)

@@ -11,6 +11,8 @@ from keras_tune.lora import apply_lora, count_parameters, load_adapter, merge_lo
 from keras_tune.models.loader import load_causal_lm
 from keras_tune.optim import WarmupDecay, build_optimizer
 
+from helpers import fixed_logits
+
 
 def _model(preset="gemma3_tiny", rank=4, targets=("query", "value"), seed=0):
     config = config_lib.load_config(preset, overrides={"train.seed": seed})
@@ -18,11 +20,6 @@ def _model(preset="gemma3_tiny", rank=4, targets=("query", "value"), seed=0):
     if rank:
         apply_lora(causal_lm, rank, targets)
     return causal_lm
-
-
-def _logits(causal_lm):
-    tokens = np.arange(4, 36, dtype="int32").reshape(2, 16)
-    return np.asarray(causal_lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
 
 
 def _randomize_lora(causal_lm, seed=1):
@@ -56,7 +53,7 @@ def test_adapter_round_trip_gives_identical_logits(tmp_path):
     save_adapter(trained, str(path), preset="gemma3_tiny")
     fresh = _model(rank=0)  # same seed, so the same base weights
     load_adapter(fresh, str(path), preset="gemma3_tiny")
-    np.testing.assert_array_equal(_logits(fresh), _logits(trained))
+    np.testing.assert_array_equal(fixed_logits(fresh), fixed_logits(trained))
 
 
 def test_adapter_mismatches_are_refused_whole(tmp_path):
@@ -79,14 +76,14 @@ def test_adapter_mismatches_are_refused_whole(tmp_path):
 def test_merged_model_matches_base_plus_lora():
     causal_lm = _model(targets=("query", "value", "attention_output", "ffw_gating"))
     _randomize_lora(causal_lm)
-    expected = _logits(causal_lm)
+    expected = fixed_logits(causal_lm)
     merge_lora(causal_lm)
-    np.testing.assert_allclose(_logits(causal_lm), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fixed_logits(causal_lm), expected, rtol=1e-5, atol=1e-5)
     # The adapters no longer contribute: changing A leaves the output alone.
     for layer in compat.sublayers(causal_lm.backbone):
         if getattr(layer, "lora_enabled", False):
             layer.lora_kernel_a.assign(np.ones(layer.lora_kernel_a.shape, "float32"))
-    np.testing.assert_allclose(_logits(causal_lm), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fixed_logits(causal_lm), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])

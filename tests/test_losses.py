@@ -1,7 +1,6 @@
 """The sparse loss path: logits only where the loss is, in chunks; the same loss and gradients as keras-hub's."""
 
 import jax
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,6 +9,8 @@ from keras_tune import config as config_lib
 from keras_tune import losses, training
 from keras_tune.models.loader import build_model
 from keras_tune.rundir import read_rows
+
+from helpers import loss_and_grads, loss_batch, write_corpus
 
 
 def test_capacities_are_a_few_multiples_of_8():
@@ -85,37 +86,6 @@ def test_the_head_runs_at_the_smallest_capacity_that_holds_the_fullest_row():
     assert (without_counts[:, :16] > 0).all() and (without_counts[:, 16:] == 0).all()  # the positions' width
 
 
-def _batch(vocabulary, kind, seed=0, batch=4, length=24):
-    rng = np.random.default_rng(seed)
-    token_ids = rng.integers(3, vocabulary, size=(batch, length)).astype(np.int32)
-    token_ids[:, 0] = 2
-    padding_mask = np.ones((batch, length), bool)
-    padding_mask[1, 18:] = False
-    targets = np.concatenate([token_ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
-    weight = padding_mask.astype(np.float32)
-    weight[:, -1] = 0
-    if kind == "targets":  # loss on a target span only, as translation data
-        weight[:, :10] = 0
-    elif kind == "key_tokens":  # the code recipe's key-token factor per row
-        weight *= np.array([1.0, 2.5, 1.0, 4.0], np.float32)[:, None]
-    return {"token_ids": token_ids, "padding_mask": padding_mask}, targets, weight
-
-
-def _loss_and_grads(model, x, y, weight):
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    def loss_fn(values):
-        output, _ = model.stateless_call(values, non_trainable, x, training=False)
-        if output.shape[-1] == 2 and isinstance(model, losses.SparseLossModel):
-            per_position = output[..., 0]
-        else:
-            per_position = keras.losses.sparse_categorical_crossentropy(y, output, from_logits=True)
-        return (per_position * weight).sum() / weight.sum()
-
-    return jax.jit(jax.value_and_grad(loss_fn))(trainable)
-
-
 def _small_blocks(monkeypatch):
     """Chunks of 16 tokens take the table 256 rows a block (the real vocabularies: 65,536)."""
     monkeypatch.setattr(losses, "LOGITS_PER_BLOCK", 16 * 256)
@@ -168,13 +138,13 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monk
     if preset == "gemma2_tiny":
         assert causal_lm.backbone.final_logit_soft_cap  # the soft-cap is on this path
     for kind in ("targets", "key_tokens", "all"):
-        x, y, weight = _batch(causal_lm.backbone.vocabulary_size, kind)
-        full_loss, full_grads = _loss_and_grads(causal_lm, x, y, weight)
+        x, y, weight = loss_batch(causal_lm.backbone.vocabulary_size, kind)
+        full_loss, full_grads = loss_and_grads(causal_lm, x, y, weight)
         sparse_x, _, _ = losses.add_loss_positions(
             {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight)
         )
         assert sparse_x["loss_positions"].shape[1] < 24 or kind != "targets"
-        sparse_loss, sparse_grads = _loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
+        sparse_loss, sparse_grads = loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
         np.testing.assert_allclose(sparse_loss, full_loss, rtol=1e-5)
         for full, sparse in zip(full_grads, sparse_grads):
             scale = float(np.abs(full).max())
@@ -184,12 +154,12 @@ def test_sparse_loss_and_gradients_equal_the_full_logits_path(preset, mesh, monk
 def _compare_sparse_and_full(causal_lm, chunk_tokens=16, kinds=("targets", "key_tokens", "all"), layout=losses.SHAPED):
     trainer = losses.SparseLossModel(causal_lm, chunk_tokens=chunk_tokens)
     for kind in kinds:
-        x, y, weight = _batch(causal_lm.backbone.vocabulary_size, kind)
-        full_loss, full_grads = _loss_and_grads(causal_lm, x, y, weight)
+        x, y, weight = loss_batch(causal_lm.backbone.vocabulary_size, kind)
+        full_loss, full_grads = loss_and_grads(causal_lm, x, y, weight)
         sparse_x, _, _ = losses.add_loss_positions(
             {k: tf.constant(v) for k, v in x.items()}, tf.constant(y), tf.constant(weight), layout=layout
         )
-        sparse_loss, sparse_grads = _loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
+        sparse_loss, sparse_grads = loss_and_grads(trainer, {k: np.asarray(v) for k, v in sparse_x.items()}, y, weight)
         np.testing.assert_allclose(sparse_loss, full_loss, rtol=1e-5, err_msg=kind)
         assert len(full_grads) == len(sparse_grads) == len(causal_lm.trainable_variables)
         for variable, full, sparse in zip(causal_lm.trainable_variables, full_grads, sparse_grads):
@@ -291,8 +261,6 @@ def test_the_real_270m_validation_loss_is_the_full_paths(tmp_path):
 
 
 def _run(tmp_path, loss):
-    from test_fit import write_corpus
-
     corpus = write_corpus(tmp_path / "corpus.txt")
     config = config_lib.load_config("gemma_tiny", overrides={
         "data.name": "text", "data.path": corpus, "train.steps": 4, "train.eval_every": 2,

@@ -7,7 +7,8 @@ import pytest
 from keras_tune import config as config_lib
 from keras_tune import training
 from keras_tune.models.loader import build_model
-from test_losses import _batch, _loss_and_grads
+
+from helpers import loss_and_grads, loss_batch, write_corpus
 
 
 def _compiled_temp_bytes(model, x, y, weight):
@@ -32,8 +33,8 @@ def _loss_grads_and_temp_bytes(preset, **overrides):
     rng = np.random.default_rng(0)
     for variable in model.trainable_variables:
         variable.assign(rng.normal(0, 0.02, variable.shape).astype("float32"))
-    x, y, weight = _batch(model.backbone.vocabulary_size, "all", batch=2, length=256)
-    loss, grads = _loss_and_grads(model, x, y, weight)
+    x, y, weight = loss_batch(model.backbone.vocabulary_size, "all", batch=2, length=256)
+    loss, grads = loss_and_grads(model, x, y, weight)
     return model, loss, grads, _compiled_temp_bytes(model, x, y, weight)
 
 
@@ -76,8 +77,6 @@ def test_keep_only_matmul_outputs_wraps_each_block_once():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_quantized_base_still_learns_and_its_adapter_loads_on_the_float_model(mode, tmp_path):
-    from test_fit import write_corpus
-
     corpus = write_corpus(tmp_path / "corpus.txt")
     config = config_lib.load_config("gemma3_tiny", overrides={
         "data.name": "text", "data.path": corpus, "train.steps": 8, "train.eval_every": 8,

@@ -17,8 +17,8 @@ import pytest
 
 from keras_tune import fit
 from keras_tune.rundir import read_rows
-from test_fit import write_corpus
-from test_resume import REPO, _adapter, _max_diff
+
+from helpers import REPO, adapter_arrays, max_diff, write_corpus
 
 STEPS = 12
 LIMIT_S = 420
@@ -113,7 +113,7 @@ def test_two_processes_train_like_one_and_resume_after_both_are_killed(corpus, o
     np.testing.assert_allclose([r["loss"] for r in double[1:]], [r["loss"] for r in single[1:]], rtol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in double if r["val_loss"] is not None],
                                [r["val_loss"] for r in single if r["val_loss"] is not None], rtol=1e-5)
-    assert _max_diff(_adapter(killed / "adapter.npz"), _adapter(one_process / "adapter.npz")) <= 1e-5
+    assert max_diff(adapter_arrays(killed / "adapter.npz"), adapter_arrays(one_process / "adapter.npz")) <= 1e-5
 
 
 def test_a_coordinator_nobody_answers_is_one_line_and_exit_2_not_a_hang(corpus, tmp_path):

@@ -15,14 +15,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_data_tfds import build_tfds_data_dir
-from test_fit import write_corpus
+from helpers import REPO, build_tfds_data_dir, write_corpus
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = sorted(path.name for path in EXAMPLES.glob("*.ipynb"))
 # What each parameters cell must define (the tests override these).

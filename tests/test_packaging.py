@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 @pytest.mark.slow
 def test_wheel_installs_and_lists_presets_from_another_directory(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)],
         check=True,
         capture_output=True,
     )
@@ -43,14 +43,14 @@ def test_wheel_installs_and_lists_presets_from_another_directory(tmp_path):
         [str(python), "-c", script], cwd=elsewhere, env=environment, capture_output=True, text=True, check=True
     )
     presets, layouts = (int(n) for n in result.stdout.split()[:2])
-    assert presets == len(list((ROOT / "presets").glob("[!_]*.py")))
-    assert layouts == len(list((ROOT / "layouts").glob("*.json")))
+    assert presets == len(list((REPO / "presets").glob("[!_]*.py")))
+    assert layouts == len(list((REPO / "layouts").glob("*.json")))
     assert result.stdout.split()[2] == "28"
 
 
 def test_pyproject_lists_every_package_of_keras_tune():
     import tomllib
 
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "keras_tune").rglob("__init__.py")}
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "keras_tune").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)

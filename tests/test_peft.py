@@ -13,6 +13,8 @@ from keras_tune.lora import apply_lora, merge_lora
 from keras_tune.models.loader import load_causal_lm
 from keras_tune.peft import from_peft, load_peft_adapter, read_peft_adapter, save_peft_adapter, to_peft
 
+from helpers import fixed_logits, lora_layers
+
 RANK, ALPHA = 4, 8
 ALL_TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
 PREFIX = "base_model.model."
@@ -29,20 +31,11 @@ def _model(preset, targets=None, seed=0, arch=None):
     if targets:
         apply_lora(causal_lm, RANK, targets, alpha=ALPHA)
         rng = np.random.default_rng(1)
-        for layer in _lora_layers(causal_lm):
+        for layer in lora_layers(causal_lm):
             # B starts at zero; random values make every adapter matter.
             for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
                 variable.assign(rng.normal(0, 0.05, variable.shape).astype("float32"))
     return causal_lm
-
-
-def _lora_layers(causal_lm):
-    return [layer for layer in compat.sublayers(causal_lm.backbone) if getattr(layer, "lora_enabled", False)]
-
-
-def _logits(causal_lm):
-    tokens = np.arange(4, 36, dtype="int32").reshape(2, 16)
-    return np.asarray(causal_lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}))
 
 
 def _hf_shapes(hf_config):
@@ -84,7 +77,7 @@ def _importer_layout(update, short, keras_shape):
 )
 def test_peft_adapter_matches_the_merged_transformers_export(preset, targets, arch, tmp_path):
     tuned = _model(preset, targets, arch=arch)
-    expected_logits = _logits(tuned)
+    expected_logits = fixed_logits(tuned)
     config = save_peft_adapter(tuned, tmp_path / "peft", base_model_name_or_path="google/some-gemma")
     base_lm = _model(preset, arch=arch)  # same seed: the base weights
     base_lm.export_to_transformers(str(tmp_path / "base"))
@@ -108,7 +101,7 @@ def test_peft_adapter_matches_the_merged_transformers_export(preset, targets, ar
     assert all(key.startswith(f"{PREFIX}model.layers.") for key in arrays)
     assert len(arrays) == 2 * len(targets) * hf_config["num_hidden_layers"]
 
-    tuned_layers = {layer.path: layer for layer in _lora_layers(tuned)}
+    tuned_layers = {layer.path: layer for layer in lora_layers(tuned)}
     base_layers = {layer.path: layer for layer in compat.sublayers(base_lm.backbone)}
     skipped = []
     for key in sorted(k for k in arrays if k.endswith(".lora_A.weight")):
@@ -141,11 +134,11 @@ def test_peft_adapter_matches_the_merged_transformers_export(preset, targets, ar
     assert not skipped or (preset, arch) == ("gemma_tiny", None)
 
     fresh = _model(preset, arch=arch)
-    assert not np.allclose(_logits(fresh), expected_logits, atol=1e-4)
+    assert not np.allclose(fixed_logits(fresh), expected_logits, atol=1e-4)
     load_peft_adapter(fresh, tmp_path / "peft")
-    np.testing.assert_allclose(_logits(fresh), expected_logits, rtol=1e-6, atol=1e-6)
-    assert {layer.name for layer in _lora_layers(fresh)} == set(targets)
-    assert {float(layer.lora_alpha) for layer in _lora_layers(fresh)} == {ALPHA}
+    np.testing.assert_allclose(fixed_logits(fresh), expected_logits, rtol=1e-6, atol=1e-6)
+    assert {layer.name for layer in lora_layers(fresh)} == set(targets)
+    assert {float(layer.lora_alpha) for layer in lora_layers(fresh)} == {ALPHA}
 
 
 @pytest.mark.parametrize("layout,kernel_shape", [("heads_in", (4, 6, 3)), ("heads_out", (4, 3, 6)), ("dense", (6, 5))])
@@ -196,11 +189,11 @@ def test_adapters_keras_cannot_express_are_refused_whole(tmp_path):
     save_file(bad, str(tmp_path / "bad" / "adapter_model.safetensors"))
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(config))
     fresh = _model("gemma3_tiny")
-    before = _logits(fresh)
+    before = fixed_logits(fresh)
     with pytest.raises(UserError, match="q_proj: lora_B is not block-diagonal"):
         load_peft_adapter(fresh, tmp_path / "bad")
-    assert not _lora_layers(fresh)  # nothing applied half-way
-    np.testing.assert_array_equal(_logits(fresh), before)
+    assert not lora_layers(fresh)  # nothing applied half-way
+    np.testing.assert_array_equal(fixed_logits(fresh), before)
 
     missing = {k: v for k, v in arrays.items() if ".layers.1.mlp." not in k}
     save_file(missing, str(tmp_path / "bad" / "adapter_model.safetensors"))
@@ -232,4 +225,4 @@ def test_gemma2_round_trip_uses_gemma_names(tmp_path):
         assert (arrays[key.replace("lora_A", "lora_B")].shape[0], arrays[key].shape[1]) == shapes[short]
     fresh = _model("gemma2_tiny")
     load_peft_adapter(fresh, tmp_path / "peft")
-    np.testing.assert_allclose(_logits(fresh), _logits(tuned), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fixed_logits(fresh), fixed_logits(tuned), rtol=1e-6, atol=1e-6)

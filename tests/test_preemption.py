@@ -12,8 +12,8 @@ import pytest
 
 from keras_tune import fit
 from keras_tune.rundir import read_rows
-from test_fit import write_corpus
-from test_resume import REPO, _adapter, _env, _max_diff
+
+from helpers import REPO, adapter_arrays, max_diff, run_to_end, subprocess_env, write_corpus
 
 STEPS = 24
 
@@ -36,7 +36,7 @@ def test_sigterm_checkpoints_the_current_step_exits_143_and_the_rerun_ends_where
     command = [sys.executable, "-m", "keras_tune.fit", *_flags(corpus, out)]
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
         metrics = out / "metrics.csv"
         deadline = time.time() + 240
         # Signal once training is under way (a few steps logged), between checkpoints.
@@ -59,19 +59,11 @@ def test_sigterm_checkpoints_the_current_step_exits_143_and_the_rerun_ends_where
     saved = sorted(int(step) for step in os.listdir(out / "checkpoints") if step.isdigit())
     assert saved and saved[-1] < STEPS and not (out / "adapter.npz").exists()
 
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    resumed = run_to_end(command)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resuming from {out}/checkpoints/{saved[-1]}: step {saved[-1]}" in resumed.stdout
-    assert _max_diff(_adapter(reference / "adapter.npz"), _adapter(out / "adapter.npz")) <= 1e-6
+    assert max_diff(adapter_arrays(reference / "adapter.npz"), adapter_arrays(out / "adapter.npz")) <= 1e-6
     assert [r["step"] for r in read_rows(str(out / "metrics.csv"))] == list(range(STEPS + 1))
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def must_not_build(*args, **kwargs):
-        raise AssertionError("the model was built")
-
-    monkeypatch.setattr("keras_tune.models.loader.load_causal_lm", must_not_build)
 
 
 def _one_error_line(capsys):
@@ -117,7 +109,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_adapt
                                                                                    monkeypatch):
     out = tmp_path / "run"
     assert fit.main(_flags(corpus, out, steps=8)) == 0
-    adapter = _adapter(out / "adapter.npz")
+    adapter = adapter_arrays(out / "adapter.npz")
     capsys.readouterr()
     import orbax.checkpoint as ocp
 
@@ -127,13 +119,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_adapt
     assert len(err) == 1 and err[0].startswith("error: could not write checkpoint 16"), err
     assert f"the previous checkpoint {out}/checkpoints/8 is intact" in err[0]
     assert sorted(os.listdir(out / "checkpoints")) == ["8"]
-    assert _max_diff(_adapter(out / "adapter.npz"), adapter) == 0
+    assert max_diff(adapter_arrays(out / "adapter.npz"), adapter) == 0
 
 
 def test_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert fit.main(_flags(corpus, out, steps=8)) == 0
-    adapter = _adapter(out / "adapter.npz")
+    adapter = adapter_arrays(out / "adapter.npz")
     capsys.readouterr()
 
     def savez_then_full(path, **arrays):
@@ -146,7 +138,7 @@ def test_a_full_disk_while_writing_the_adapter_keeps_the_previous_one(corpus, tm
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
     assert len(err) == 1 and "could not write" in err[0] and "No space left on device" in err[0], err
     assert "checkpoints/16 are intact" in err[0] or "checkpoint " in err[0]
-    assert _max_diff(_adapter(out / "adapter.npz"), adapter) == 0
+    assert max_diff(adapter_arrays(out / "adapter.npz"), adapter) == 0
     assert not [name for name in os.listdir(out) if ".partial-" in name]
     assert np.isfinite(read_rows(str(out / "metrics.csv"))[-1]["loss"])
 

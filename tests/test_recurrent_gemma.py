@@ -11,7 +11,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 import pytest
 
@@ -24,6 +23,8 @@ from keras_tune.models.recurrent_gemma import RecurrentGemmaBackbone, RecurrentG
 from keras_tune.models.recurrent_gemma.convert import backbone_params, load_params, write_checkpoint
 from keras_tune.models.tiny import train_tiny_sentencepiece
 from keras_tune.optim import build_optimizer
+
+from helpers import assert_planned_specs, lora_model_under_plan
 
 PARAMS_2B, PARAMS_9B = 2_682_862_080, 8_579_977_216
 # Float32 rounding: the reference scans sequentially, ours in parallel (logits reach ~10).
@@ -279,20 +280,9 @@ def test_weight_decay_skips_the_rg_lru_embeddings_biases_and_norm_scales():
 
 @pytest.mark.parametrize("layout", ["recurrentgemma_tp", "recurrentgemma_fsdp"])
 def test_variables_carry_the_layout_partition_spec(layout):
-    from keras_tune.distribution import plan_sharding
-
-    config = config_lib.load_config("recurrentgemma_tiny", overrides={"distribution.mesh": "2x4", "distribution.layout": layout})
-    plan = plan_sharding(config, abstract_model(config).weights)
-    keras.distribution.set_distribution(plan.distribution())
-    causal_lm = load_causal_lm(config)
-    apply_lora(causal_lm, config.lora.rank, config.lora.targets)
-    expected = {p.path: p.axes for p in plan.placements}
-    sharded = 0
-    for variable in causal_lm.backbone.weights:
-        spec = tuple(variable.value.sharding.spec)
-        axes = expected[variable.path]
-        assert spec + (None,) * (len(axes) - len(spec)) == axes, variable.path
-        sharded += any(axes) and "lora_" not in variable.path
+    overrides = {"distribution.mesh": "2x4", "distribution.layout": layout}
+    _, plan, causal_lm = lora_model_under_plan("recurrentgemma_tiny", overrides)
+    sharded = sum(any(axes) and "lora_" not in path for path, axes in assert_planned_specs(causal_lm, plan))
     assert sharded == 1 + 2 * 6 + 4 + 3 * 3  # embedding; 6 per recurrent block, 4 per attention, 3 per MLP
     by_path = {p.path: p for p in plan.placements}
     assert by_path["decoder_block_0/recurrent/rg_lru/a_gate_kernel"].axes[0] == "model"  # 4 heads on 4

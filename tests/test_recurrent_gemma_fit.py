@@ -1,10 +1,7 @@
 """RecurrentGemma through the training path: the MTNT recipe end to end, any mesh, resume after kill -9."""
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -13,11 +10,10 @@ import pytest
 from keras_tune import config as config_lib
 from keras_tune import training
 from keras_tune.rundir import read_rows
-from test_data_tfds import build_tfds_data_dir
-from test_distribution import _one_step
-from test_resume import _adapter, _assert_same_metrics, _max_diff
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import (adapter_arrays, assert_same_metrics, build_tfds_data_dir, kill_9_once_written, max_diff, one_step,
+                     run_to_end)
+
 STEPS, SAVE_EVERY, EVAL_EVERY = 8, 2, 4
 PROMPT = "Translate this into French:\nhello\n"
 # 20 batches of 2: the run stays inside its first epoch (resume across epochs is
@@ -65,18 +61,18 @@ def test_mtnt_recipe_runs_end_to_end(mtnt_run):
     assert result.final_step == STEPS and result.plan.layout.name == "recurrentgemma_tp"
     samples = open(os.path.join(out, "samples.txt")).read()
     assert "=== step 0 (before training) ===" in samples and f"=== step {STEPS} (after training) ===" in samples
-    adapter = _adapter(os.path.join(out, "adapter.npz"))
+    adapter = adapter_arrays(os.path.join(out, "adapter.npz"))
     assert {key.split("/")[-2] for key in adapter} == {"query", "value", "linear_x", "linear_y"}
     assert any(key.endswith("lora_kernel_b") and np.abs(value).max() > 0 for key, value in adapter.items())
 
 
 def test_one_step_gives_the_same_loss_and_lora_update_on_every_mesh():
     devices = keras.distribution.list_devices()
-    reference_loss, reference_lora, before, after = _one_step("recurrentgemma_tiny", "1x1", devices[:1])
+    reference_loss, reference_lora, before, after = one_step("recurrentgemma_tiny", "1x1", devices[:1])
     for path in before:  # LoRA training leaves the base weights bit-identical
         np.testing.assert_array_equal(before[path], after[path], err_msg=path)
     for mesh in ("1x8",):
-        loss, lora, _, _ = _one_step("recurrentgemma_tiny", mesh, devices)
+        loss, lora, _, _ = one_step("recurrentgemma_tiny", mesh, devices)
         print(f"{mesh}: loss {loss:.7f} (1x1: {reference_loss:.7f})")
         np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, err_msg=mesh)
         for path, value in reference_lora.items():
@@ -86,31 +82,21 @@ def test_one_step_gives_the_same_loss_and_lora_update_on_every_mesh():
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_the_uninterrupted_run(mtnt_run, tmp_path):
     data_dir = mtnt_run[0]
-    environment = dict(os.environ, PYTHONUNBUFFERED="1")
     # The reference is a fresh process too, started the way the killed run is, so the
     # two differ only in the kill.
     reference = str(tmp_path / "uninterrupted")
-    finished = subprocess.run(
-        [sys.executable, "-m", "keras_tune.fit", *_flags(data_dir, reference)],
-        cwd=REPO, capture_output=True, text=True, env=environment, timeout=300,
-    )
+    finished = run_to_end([sys.executable, "-m", "keras_tune.fit", *_flags(data_dir, reference)])
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "keras_tune.fit", *_flags(data_dir, out)]
-    with open(tmp_path / "first.log", "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environment)
-        first = out / "checkpoints" / str(SAVE_EVERY)
-        deadline = time.time() + 240
-        while not first.is_dir() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    first = out / "checkpoints" / str(SAVE_EVERY)
+    kill_9_once_written(command, first, tmp_path / "first.log")
     assert first.is_dir(), (tmp_path / "first.log").read_text()[-3000:]
     assert not (out / "adapter.npz").exists(), "the run finished before it was killed"
     saved = max(int(step) for step in os.listdir(out / "checkpoints") if step.isdigit())
 
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
+    resumed = run_to_end(command)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resuming from {out}/checkpoints/{saved}: step {saved} of {STEPS}" in resumed.stdout
-    assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
-    _assert_same_metrics(reference, str(out), steps=None)
+    assert max_diff(adapter_arrays(os.path.join(reference, "adapter.npz")), adapter_arrays(out / "adapter.npz")) <= 1e-6
+    assert_same_metrics(reference, str(out), steps=None)

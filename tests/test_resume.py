@@ -3,22 +3,17 @@
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from keras_tune import config as config_lib
 from keras_tune import training
-from keras_tune.rundir import read_rows
 from keras_tune.errors import UserError
-from test_fit import write_corpus
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import adapter_arrays, assert_same_metrics, kill_9_once_written, max_diff, run_to_end, write_corpus
+
 STEPS, SAVE_EVERY, EVAL_EVERY = 40, 4, 8
-COMPARED = ("step", "loss", "learning_rate", "val_loss", "val_perplexity", "val_accuracy")
 
 
 def _flags(corpus, out):
@@ -39,30 +34,6 @@ def _config(corpus, out, **extra):
     return config_lib.load_config(overrides.pop("preset", "gemma_tiny"), overrides=overrides)
 
 
-def _adapter(path):
-    with np.load(path) as data:
-        return {key: np.array(data[key]) for key in data.files if not key.startswith("__")}
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in a)
-
-
-def _assert_same_metrics(a, b, steps=STEPS):
-    """The two run directories logged the same rows (`steps`: rows 0..steps; None: any, but the same)."""
-    rows_a, rows_b = read_rows(os.path.join(a, "metrics.csv")), read_rows(os.path.join(b, "metrics.csv"))
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-    if steps is not None:
-        assert [r["step"] for r in rows_a] == list(range(steps + 1))
-    for row_a, row_b in zip(rows_a, rows_b):
-        for column in COMPARED:
-            if row_a[column] is None:
-                assert row_b[column] is None, (row_a["step"], column)
-            else:
-                assert row_b[column] == pytest.approx(row_a[column], rel=1e-4, abs=1e-6), (row_a["step"], column)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """One run that nobody interrupts (in this process), shared by the tests below."""
@@ -73,39 +44,26 @@ def uninterrupted(tmp_path_factory):
     return corpus, str(out), result
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path):
     corpus, reference, _ = uninterrupted
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "keras_tune.fit", *_flags(corpus, out)]
-    log = open(tmp_path / "first.log", "w")
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())
     first = out / "checkpoints" / str(SAVE_EVERY)
-    deadline = time.time() + 240
-    while not first.is_dir() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    log.close()
+    process = kill_9_once_written(command, first, tmp_path / "first.log")
     assert first.is_dir(), (tmp_path / "first.log").read_text()[-3000:]
     assert process.returncode == -signal.SIGKILL
     assert not (out / "adapter.npz").exists(), "the run finished before it was killed"
     saved = sorted(int(step) for step in os.listdir(out / "checkpoints") if step.isdigit())
     assert saved[-1] < STEPS
 
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    resumed = run_to_end(command)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resuming from {out}/checkpoints/{saved[-1]}: step {saved[-1]} of {STEPS}" in resumed.stdout
 
-    difference = _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz"))
+    difference = max_diff(adapter_arrays(os.path.join(reference, "adapter.npz")), adapter_arrays(out / "adapter.npz"))
     print(f"resume vs uninterrupted: max abs difference of the LoRA weights {difference:.3g}")
     assert difference <= 1e-6
-    _assert_same_metrics(reference, str(out))
+    assert_same_metrics(reference, str(out), steps=STEPS)
     with open(os.path.join(reference, "samples.txt")) as a, open(out / "samples.txt") as b:
         assert a.read() == b.read()
 
@@ -139,8 +97,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     assert result.initial_step == STEPS - SAVE_EVERY and result.final_step == STEPS
     assert os.listdir(out / "checkpoints-corrupt")
     # Nothing else lost: the steps after the fallback point are trained again, to the same weights.
-    assert _max_diff(_adapter(os.path.join(reference, "adapter.npz")), _adapter(out / "adapter.npz")) <= 1e-6
-    _assert_same_metrics(reference, str(out))
+    assert max_diff(adapter_arrays(os.path.join(reference, "adapter.npz")), adapter_arrays(out / "adapter.npz")) <= 1e-6
+    assert_same_metrics(reference, str(out), steps=STEPS)
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,7 @@
 
 Everything is computed from shapes: the abstract model and its sharding plan,
 nothing allocated (planning Gemma 2 27B takes about a second). What each figure
-counts is described in `keras_tune.memory`.
-
-Example:
-
-```python
-import keras_tune
-config = keras_tune.load_config("gemma_7b_en", overrides={
-    "distribution.mesh": "1x8", "train.device_memory": "16GiB"})
-print(keras_tune.format_memory_report(keras_tune.plan_memory(config)))
-```
+counts, and an example, are in `keras_tune.memory`.
 """
 
 from keras_tune.distribution import format_bytes, plan_sharding
