@@ -3,6 +3,8 @@
 `keras_tune.training.run` hands these to keras `fit`, in this order (each reads what
 the ones before it wrote into the same `logs` dict):
 
+- `Heartbeat`: beats the run's watchdog (`keras_tune.watchdog`) at every
+  training and evaluation batch, and keeps evaluation in step with the loop.
 - `CommittedState`: before each epoch, the model's, optimizer's and metrics'
   arrays are committed to their devices, so the train step compiles once.
 - `StepTracker`: the run's global step (resumes included), the per-step loss, the
@@ -11,11 +13,12 @@ the ones before it wrote into the same `logs` dict):
 - `Throughput`: step time, tokens/s (all positions and non-pad ones) and an MFU
   estimate; shown in the progress bar and logged.
 - `MetricsLog`: one `metrics.csv` row a step (validation columns filled where an
-  evaluation ran) and the same numbers as TensorBoard scalars.
+  evaluation ran) and the same numbers as TensorBoard scalars, written as the run goes.
 - `Samples`: generations for `--sample-prompt` before training, every
   `--sample-every` steps and after training, appended to `samples.txt`.
 - `Checkpoints`: Orbax checkpoints every `--save-every` steps and at the end
   (`keras_tune.checkpoint`).
+- `Preemption`: after SIGTERM, a checkpoint at the end of the step, then stop.
 
 The files they write are `keras_tune.rundir`'s; FLOP counting and MFU are
 `keras_tune.flops`'s; the token counts they read come from
@@ -102,13 +105,18 @@ class StepTracker(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._mean = 0.0
 
+    def on_epoch_end(self, epoch, logs=None):
+        for key in ("step_loss", "val_step_loss"):  # a batch's figure, meaningless for an epoch
+            (logs or {}).pop(key, None)
+
     def on_train_batch_end(self, batch, logs=None):
-        progress = self.progress
+        progress, logs = self.progress, logs if logs is not None else {}
         progress.step += 1
-        mean = float((logs or {}).get("loss", float("nan")))
-        # Keras logs the epoch's running mean (every batch weighs the same), so one
-        # step's own loss is k * m_k - (k - 1) * m_(k-1).
-        progress.step_loss = (batch + 1) * mean - batch * self._mean
+        mean = float(logs.get("loss", float("nan")))
+        own = logs.pop("step_loss", None)  # the batch's own loss (`metrics.StepLoss`); not for the progress bar
+        # Without it: Keras logs the epoch's running mean (every batch weighs the
+        # same), so one step's loss is k * m_k - (k - 1) * m_(k-1), to float32 precision.
+        progress.step_loss = float(own) if own is not None else (batch + 1) * mean - batch * self._mean
         self._mean = mean
         if not math.isfinite(mean) and not progress.diverged:
             progress.nonfinite_step = progress.step
@@ -214,28 +222,37 @@ def learning_rate_at(rate):
 class MetricsLog(keras.callbacks.Callback):
     """Writes `metrics.csv` (a row a step) and TensorBoard scalars under `tensorboard/`.
 
-    Rows of an epoch are written at its end, with the validation results (if
-    any ran) on the epoch's last step, so the file never holds a step whose
-    evaluation is missing. Tokens/s and MFU come from `Throughput`.
+    Rows are written at least every `every_seconds` while training, so a long
+    epoch can be watched as it runs and a crash loses little, and at every epoch
+    end. The epoch's last row waits for the epoch end, where the validation
+    results (if any ran) join it, so the file never holds a step whose evaluation
+    is missing. Rows after the last checkpoint are dropped by a resumed run
+    before it writes them again (`keras_tune.training.restart_logs`); TensorBoard
+    drops the orphaned steps itself when a resumed run writes a lower step.
+    Tokens/s and MFU come from `Throughput`.
 
     Args:
         progress: the shared `Progress`.
         output_dir: the run directory.
         learning_rate: `step -> learning rate` (see `learning_rate_at`), or None.
+        every_seconds: the longest time between writes while training (0: epoch ends only).
     """
 
-    def __init__(self, progress, output_dir, learning_rate=None):
+    def __init__(self, progress, output_dir, learning_rate=None, every_seconds=0.0):
         super().__init__()
         self.progress = progress
         self.learning_rate = learning_rate
+        self.every_seconds = float(every_seconds)
         self.path = os.path.join(output_dir, "metrics.csv")
         self.tensorboard_dir = os.path.join(output_dir, "tensorboard")
         self._rows = []
         self._scalars = None
+        self._written_at = time.monotonic()
 
     def on_train_begin(self, logs=None):
         if rundir.is_primary() and self._scalars is None:
             self._scalars = rundir.ScalarWriter(self.tensorboard_dir)
+        self._written_at = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -251,6 +268,9 @@ class MetricsLog(keras.callbacks.Callback):
                 "mfu": logs.get("mfu"),
             }
         )
+        if self.every_seconds and time.monotonic() - self._written_at >= self.every_seconds:
+            # The epoch's last row waits for its validation columns (`on_epoch_end`).
+            self.flush(hold_last=batch + 1 >= (self.params or {}).get("steps", 0))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -259,8 +279,15 @@ class MetricsLog(keras.callbacks.Callback):
                 self._rows[-1][column] = logs.get(key)
         self.flush()
 
-    def flush(self):
-        rows, self._rows = self._rows, []
+    def flush(self, hold_last=False):
+        """Writes the rows kept so far (all, or all but the newest).
+
+        Args:
+            hold_last: keep the newest row back (it may still get validation columns).
+        """
+        cut = len(self._rows) - 1 if hold_last else len(self._rows)
+        rows, self._rows = self._rows[:cut], self._rows[cut:]
+        self._written_at = time.monotonic()
         if not rows or not rundir.is_primary():
             return
         rundir.append_rows(self.path, rows)
@@ -275,6 +302,7 @@ class MetricsLog(keras.callbacks.Callback):
                     "throughput/mfu": row.get("mfu"),
                     **rundir.validation_scalars(row),
                 })
+            self._scalars.flush()
 
     def on_train_end(self, logs=None):
         self.flush()
@@ -367,62 +395,103 @@ class Checkpoints(keras.callbacks.Callback):
         self.store.wait()
 
 
-def _preemption_agreed(step):
-    """Whether every process has reached the step at which the runtime saw a SIGTERM (multi-process only)."""
+def _any_process(flag):
+    """Whether `flag` is set on any process (a small all-gather: every process calls it at the same step)."""
+    import numpy as np
     from jax.experimental import multihost_utils
 
-    return multihost_utils.reached_preemption_sync_point(step)
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))).any())
 
 
 class Preemption(keras.callbacks.Callback):
     """SIGTERM (a spot VM reclaimed, a Kaggle session ending): finish the step, checkpoint, stop.
 
-    One process catches the signal itself; several agree on the step through
-    JAX's preemption sync point (its runtime registers the SIGTERM notifier),
-    so every process writes the same checkpoint together. The metrics rows of
-    the steps so far are flushed first, so a rerun continues exactly.
+    The signal is caught by the run's `keras_tune.watchdog.SigtermGuard` (which
+    ends the process itself when the step cannot finish). At the end of every
+    step the processes agree whether any of them got one (one small
+    all-gather), so all of them write the same checkpoint together and stop. The
+    metrics rows of the steps so far are flushed first, so a rerun continues
+    exactly.
 
     Args:
         progress: the shared `Progress`.
         save: `(step, model, logs) -> checkpoint path`, blocking until written.
+        guard: the run's `SigtermGuard` (its `requested` and `acknowledge`).
         before_save: callables run first (e.g. `MetricsLog.flush`).
     """
 
-    def __init__(self, progress, save, before_save=()):
+    def __init__(self, progress, save, guard, before_save=()):
         super().__init__()
         self.progress = progress
         self.save = save
+        self.guard = guard
         self.before_save = list(before_save)
-        self.requested = False
-        self._previous = None
-
-    def _request(self, signum, frame):
-        self.requested = True
 
     def on_train_begin(self, logs=None):
-        import signal
-        import threading
-
         import jax
 
         self._multi = jax.process_count() > 1
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._request)
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.progress.step
-        if not (_preemption_agreed(step) if self._multi else self.requested) or self.progress.diverged:
+        requested = _any_process(self.guard.requested) if self._multi else self.guard.requested
+        if not requested or self.progress.diverged:
             return
+        self.guard.acknowledge()
         for flush in self.before_save:
             flush()
         path = self.save(step, self.model, dict(logs or {}))
-        self.on_train_end()
         raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {path} written: run the same command "
                         "again to continue from it")
 
-    def on_train_end(self, logs=None):
-        import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+class Heartbeat(keras.callbacks.Callback):
+    """Beats the run's `keras_tune.watchdog.Watchdog` at every batch, naming what the loop is doing.
+
+    The first batch of a `fit` or `evaluate` call (tracing, compiling), and the
+    work between steps (samples, checkpoints), are slow phases. Defining
+    `on_test_batch_end` also makes Keras run evaluation callbacks in step with
+    the loop instead of in a thread pool: evaluation then dispatches one batch
+    after the other, as training does (several in flight at once deadlocked
+    two-process runs over gloo, whose collectives must start in the same order
+    on every process).
+
+    Args:
+        watchdog: the run's `Watchdog`.
+        progress: the shared `Progress` (for the step numbers), or None.
+    """
+
+    def __init__(self, watchdog, progress=None):
+        super().__init__()
+        self.watchdog = watchdog
+        self.progress = progress
+
+    def _step(self):
+        return self.progress.step if self.progress is not None else 0
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+        self.watchdog.beat("starting training", slow=True)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        slow, self._first = self._first, False
+        self.watchdog.beat(f"in training step {self._step() + 1}" + (" (its first: compiling)" if slow else ""),
+                           slow=slow)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.beat(f"after training step {self._step()} (samples, metrics, checkpoints)", slow=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.watchdog.beat(f"at the end of an epoch, step {self._step()} (checkpoint, samples)", slow=True)
+
+    def on_test_begin(self, logs=None):
+        self.watchdog.beat(f"starting an evaluation at step {self._step()}", slow=True)
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self.watchdog.beat(f"in evaluation batch {batch + 1} at step {self._step()}", slow=batch == 0)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.watchdog.beat(f"after evaluation batch {batch + 1} at step {self._step()}")
+
+    def on_test_end(self, logs=None):
+        self.watchdog.beat(f"after an evaluation at step {self._step()}", slow=True)

@@ -11,7 +11,8 @@ traceback, whether argparse or keras_tune finds it; a run that fails
 (`keras_tune.errors.RunFailed`) is one line with its own exit code.
 
 Exit codes: 0 done, 2 a user error, 3 the loss became NaN/inf, 4 an output could not be
-written (what was there before is intact), 130 interrupted, 143 stopped by SIGTERM after a checkpoint.
+written (what was there before is intact), 5 no progress for `--step-timeout` seconds (a
+dead or hung peer), 130 interrupted, 143 stopped by SIGTERM.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import os
 import sys
 
 from keras_tune import config as config_lib
-from keras_tune.errors import KerasTuneError, UserError
+from keras_tune.errors import KerasTuneError, RunFailed, UserError
 
 # The Keras distributed-Gemma tutorial lets XLA take all accelerator memory.
 MEM_FRACTION_DEFAULT = "1.00"
@@ -154,7 +155,9 @@ def run_cli(parser, argv, work):
             simulate_devices(simulated)
         return work(args) or 0
     except KerasTuneError as error:
-        print(f"{error.label}: {error}", file=sys.stderr)
+        print(f"{error.label}: {error}", file=sys.stderr, flush=True)
+        if isinstance(error, RunFailed):
+            _leave_a_failed_multi_process_run(error.exit_code)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -164,3 +167,15 @@ def run_cli(parser, argv, work):
 def log_stderr(line):
     """Progress lines of the inference tools go to stderr, so stdout holds only results."""
     print(line, file=sys.stderr)
+
+
+def _leave_a_failed_multi_process_run(code):
+    """Ends a failed process of a multi-process run now: JAX's shutdown barrier would wait for a lost peer.
+
+    Args:
+        code: the exit code.
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+        sys.stdout.flush()
+        os._exit(code)

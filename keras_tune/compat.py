@@ -173,3 +173,32 @@ def set_random_seed(seed):
     eager = context.context()
     eager._seed = int(seed)
     eager._rng = random.Random(int(seed))
+
+
+def initialize_processes(coordinator, count, index, heartbeat_timeout_s):
+    """`keras.distribution.initialize`, with JAX's heartbeat timeout set.
+
+    Keras passes only the address, the count and the index to
+    `jax.distributed.initialize`; its heartbeat timeout (how long the
+    coordination service waits before it declares a silent process dead, and
+    aborts the others) stays JAX's default (100 s) unless it is given here, for
+    the duration of the call. keras_tune sets it above `train.step_timeout`, so
+    a stuck step is reported by keras_tune's watchdog in one line first.
+
+    Args:
+        coordinator: "HOST:PORT" of process 0 (None: Keras' environment variables).
+        count: how many processes take part (None: from the environment).
+        index: this process's index (None: from the environment).
+        heartbeat_timeout_s: seconds without a heartbeat before a process counts as dead.
+    """
+    import functools
+
+    import jax
+    import keras
+
+    original = jax.distributed.initialize
+    jax.distributed.initialize = functools.partial(original, heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    try:
+        keras.distribution.initialize(job_addresses=coordinator, num_processes=count, process_id=index)
+    finally:
+        jax.distributed.initialize = original

@@ -134,6 +134,18 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 "save_every": 0,
                 "keep_checkpoints": 3,
                 "resume": False,
+                # metrics.csv rows and TensorBoard scalars are written at least
+                # this often while training (seconds; 0 = at each epoch end only).
+                "log_every_seconds": 30.0,
+                # A step (or evaluation batch) that makes no progress for this
+                # long ends the run with one line and exit code 5: a dead or
+                # hung peer never leaves a run hanging (0 = never).
+                "step_timeout": 300.0,
+                # The same for slow phases: a first step, a compile, a checkpoint.
+                "compile_timeout": 1800.0,
+                # After SIGTERM, seconds the run has to finish its step and write
+                # a checkpoint before it stops without one (a second SIGTERM: at once).
+                "sigterm_grace": 30.0,
                 "sample_prompts": (),
                 "sample_every": 0,
                 "sample_max_length": 64,
@@ -169,6 +181,8 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
             "run": {
                 "dry_run": False,
                 "show_sharding": False,
+                # Native start-up lines a run would hide (gloo's, of a multi-process run).
+                "verbose": False,
             },
         }
     )
@@ -368,6 +382,10 @@ def _validate_training(lora, opt, data, train):
     for field in ("eval_every", "eval_steps", "save_every", "sample_every"):
         _check(train[field] >= 0, f"train.{field} {train[field]}: expected >= 0 (0 disables)")
     _check(train.keep_checkpoints >= 1, f"--keep-checkpoints {train.keep_checkpoints}: expected at least 1")
+    _check(train.log_every_seconds >= 0, f"--log-every {train.log_every_seconds}: expected seconds >= 0 (0 = each epoch end)")
+    _check(train.step_timeout >= 0, f"--step-timeout {train.step_timeout}: expected seconds >= 0 (0 = never)")
+    _check(train.compile_timeout >= 0, f"train.compile_timeout {train.compile_timeout}: expected seconds >= 0")
+    _check(train.sigterm_grace > 0, f"train.sigterm_grace {train.sigterm_grace}: expected seconds > 0")
     _check(train.sample_max_length >= 2, f"--sample-max-length {train.sample_max_length}: expected at least 2 tokens")
     _check(
         all(isinstance(p, str) and p.strip() for p in train.sample_prompts),

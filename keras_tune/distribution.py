@@ -27,6 +27,7 @@ import re
 from importlib import util as importlib_util
 from pathlib import Path
 
+from keras_tune import compat
 from keras_tune.errors import UserError
 from keras_tune.models import families
 
@@ -85,6 +86,20 @@ def _multi_process_request(dist):
     return None
 
 
+# JAX's own heartbeat timeout: how long its coordination service waits before it aborts every
+# process for a silent one. Kept above keras_tune's step timeout, so the watchdog's one line comes first.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
+
+
+def heartbeat_timeout(step_timeout):
+    """JAX's heartbeat timeout for a run whose steps may take `step_timeout` seconds.
+
+    Args:
+        step_timeout: `train.step_timeout` (0: the watchdog is off).
+    """
+    return max(DEFAULT_HEARTBEAT_TIMEOUT_S, int(step_timeout) + 60) if step_timeout else DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
 def start_processes(config):
     """Starts JAX's multi-controller runtime for a multi-process run; does nothing for one process.
 
@@ -108,11 +123,14 @@ def start_processes(config):
     if request is None:
         return False
     import jax
-    import keras
 
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not config.run.verbose:
+        from keras_tune.environment import hide_gloo_connection_lines
+
+        hide_gloo_connection_lines()
     coordinator, count, index = request
     timeout = float(os.environ.get("KERAS_TUNE_INITIALIZATION_TIMEOUT_S", INITIALIZATION_TIMEOUT_S))
 
@@ -126,7 +144,7 @@ def start_processes(config):
     watchdog.daemon = True
     watchdog.start()
     try:
-        keras.distribution.initialize(job_addresses=coordinator, num_processes=count, process_id=index)
+        compat.initialize_processes(coordinator, count, index, heartbeat_timeout(config.train.step_timeout))
     finally:
         watchdog.cancel()
     return jax.process_count() > 1

@@ -225,6 +225,78 @@ def quiet_start():
         sys.meta_path.insert(0, _QuietImports(watched))
 
 
+# Lines gloo (the CPU collectives of a multi-process run) prints on stdout for every
+# communicator it connects, e.g. "[Gloo] Rank 1 is connected to 3 peer ranks. Expected
+# number of connected peer ranks is : 3" (threads print at once, so pieces of two can share a line).
+_GLOO_CONNECTED = re.compile(rb"(\[Gloo\] Rank|peer ranks\. Expected number of connected peer ranks is)")
+_stdout_filter = None
+
+
+def _drop_lines(reader, out, drop):
+    """Copies `reader` to `out`, leaving out whole lines `drop` matches; other text passes at once."""
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(reader, 1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        kept = b"".join(line + b"\n" for line in lines if not drop(line))
+        if pending and not b"[Gloo]".startswith(pending[:6]):  # a partial line we keep: a progress bar's
+            kept, pending = kept + pending, b""
+        while kept:
+            kept = kept[os.write(out, kept):]
+    if pending and not drop(pending):
+        os.write(out, pending)
+
+
+def stdout_is_terminal():
+    """Whether the process's stdout is a terminal (as it was before `hide_gloo_connection_lines`)."""
+    fd = _stdout_filter[0] if _stdout_filter is not None else 1
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def hide_gloo_connection_lines():
+    """Keeps gloo's "[Gloo] Rank N is connected to ..." lines off stdout for the rest of the process.
+
+    File descriptor 1 goes through a pipe whose reader thread passes everything
+    else on unchanged (partial lines, a progress bar's included) and drops those
+    lines; at exit the pipe is drained and stdout put back. Idempotent; a no-op
+    when stdout cannot be redirected.
+    """
+    global _stdout_filter
+    if _stdout_filter is not None:
+        return
+    import atexit
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        reader, writer = os.pipe()
+        os.dup2(writer, 1)
+        os.close(writer)
+    except (OSError, ValueError, AttributeError):
+        return
+    thread = threading.Thread(target=_drop_lines, args=(reader, saved, _GLOO_CONNECTED.search),
+                              name="keras_tune-stdout", daemon=True)
+    thread.start()
+    _stdout_filter = (saved, reader, thread)
+
+    def restore():
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os.dup2(saved, 1)  # the pipe's last writer closes: the thread reads to the end and stops
+        thread.join(timeout=5)
+        os.close(reader)
+
+    atexit.register(restore)
+
+
 # XLA's CPU scheduler that orders a program to keep fewer buffers live; the
 # default one orders for parallelism and computes every parameter-only value
 # (transposed and int8->float kernel copies) at the start of the step.

@@ -5,9 +5,11 @@
   `error:` line and exit with 2.
 - `RunFailed`: the input was fine but the run could not go on: the loss became
   NaN (`LossNotFinite`, exit 3), an output could not be written (`WriteFailed`,
-  exit 4), SIGTERM stopped it after a checkpoint (`Preempted`, exit 143). What
-  was written before (checkpoints, adapters) is intact, and the message says
-  how to continue.
+  exit 4), a peer process of a multi-process run was lost (`PeerLost`, exit 5;
+  a run that stops making progress ends with the same code, from
+  `keras_tune.watchdog`), SIGTERM stopped it after a checkpoint (`Preempted`,
+  exit 143). What was written before (checkpoints, adapters) is intact, and the
+  message says how to continue.
 
 Both derive from `KerasTuneError`, which is what the command-line tools catch.
 """
@@ -40,6 +42,12 @@ class WriteFailed(RunFailed):
     """An output could not be written (a full disk, say); what was there before is intact (exit 4)."""
 
     exit_code = 4
+
+
+class PeerLost(RunFailed):
+    """A collective failed because a peer process died or lost its connection (exit 5)."""
+
+    exit_code = 5
 
 
 class Preempted(RunFailed):

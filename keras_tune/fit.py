@@ -17,8 +17,10 @@ python -m keras_tune.fit --preset gemma_tiny --resume                  # continu
 
 Exit codes: 0 done, 2 a user error (one `error:` line on stderr), 3 the loss
 became NaN/inf (the last good checkpoint is kept), 4 a checkpoint or adapter
-could not be written (the previous ones are intact), 130 interrupted, 143
-stopped by SIGTERM after writing a checkpoint (rerun to continue).
+could not be written (the previous ones are intact), 5 no progress for
+`--step-timeout` seconds (a dead or hung peer process), 130 interrupted, 143
+stopped by SIGTERM (after writing a checkpoint when the step could finish; rerun
+to continue).
 """
 
 import sys
@@ -54,6 +56,9 @@ FIT_FLAGS = (
     ("--eval-steps", "train.eval_steps", int, "validation batches per evaluation (0 = all)"),
     ("--save-every", "train.save_every", int, "Orbax checkpoint every N steps (0 = at the end only)"),
     ("--keep-checkpoints", "train.keep_checkpoints", int, "checkpoints kept; older ones are deleted"),
+    ("--log-every", "train.log_every_seconds", float, "write metrics.csv rows and TensorBoard scalars at least every N seconds (0 = at epoch ends)"),
+    ("--step-timeout", "train.step_timeout", float, "seconds a step may make no progress before the run stops with exit 5 "
+     "(a dead or hung peer; slow phases get train.compile_timeout); 0 = never"),
     ("--resume", "train.resume", bool, "continue from the newest checkpoint of --output-dir (default: the newest runs/<preset>-*)"),
     ("--sample-prompt", "train.sample_prompts", list, "prompt to generate from before/after training and every --sample-every steps (repeatable)"),
     ("--sample-every", "train.sample_every", int, "generate samples every N steps (0 = before and after only)"),
@@ -69,6 +74,7 @@ FIT_FLAGS = (
     ("--process-id", "distribution.process_id", int, "multi-process: this process's index, 0 .. N-1"),
     ("--show-sharding", "run.show_sharding", bool, "print the sharding table"),
     ("--dry-run", "run.dry_run", bool, "plan only: shapes, sharding and memory, no weights"),
+    ("--verbose", "run.verbose", bool, "show native start-up lines keras_tune hides (gloo's connection lines)"),
 )
 
 

@@ -92,9 +92,8 @@ def add_loss_positions(x, y, sample_weight, layout=SHAPED):
       compiled step of its own (up to four a length);
     - "branched": `loss_positions` is `[batch, length]` and `loss_counts`
       (`[batch]`) says how many carry loss; the model picks the capacity (of
-      `BRANCH_FRACTIONS`) in a `lax.switch`, one compiled step for all. The
-      270M's float32 step was slower with it (1.88 vs 1.70 s at 64 loss
-      tokens), so this pays where memory comes first;
+      `BRANCH_FRACTIONS`) in a `lax.switch`, one compiled step for all: it
+      pays where memory comes first (a float32 step is slower; BENCHMARKS.md);
     - "whole_row": `loss_positions` is `[batch, length]` with no counts: the
       head runs at every position (data with loss nearly everywhere).
 
@@ -547,7 +546,8 @@ def compile_training(causal_lm, train_config, optimizer):
 
     The loss is the mean over target tokens (sample weights), so exp(loss) is a
     perplexity; the perplexity metric is exact over a whole evaluation
-    (token-weighted, not a mean of batch means). With `train.loss = "sparse"` the
+    (token-weighted, not a mean of batch means); `step_loss` is each batch's own
+    loss (`keras_tune.metrics.StepLoss`), what `metrics.csv` logs. With `train.loss = "sparse"` the
     model is a `SparseLossModel` around the CausalLM (same variables, same
     figures, logits only where the loss is); with "full", the CausalLM itself
     (keras-hub's plain path). The CausalLM keeps a greedy sampler for samples.
@@ -562,7 +562,7 @@ def compile_training(causal_lm, train_config, optimizer):
     """
     import keras_hub
 
-    from keras_tune.metrics import TokenCount
+    from keras_tune.metrics import StepLoss, TokenCount
 
     pad_id = int(causal_lm.preprocessor.tokenizer.pad_token_id)
     counts = [TokenCount(pad_id), TokenCount(pad_id, non_pad=True)]
@@ -575,6 +575,7 @@ def compile_training(causal_lm, train_config, optimizer):
             weighted_metrics=[
                 keras.metrics.MeanMetricWrapper(position_accuracy, name="accuracy"),
                 NllPerplexity(name="perplexity"),
+                StepLoss(),
             ],
             metrics=counts,
         )
@@ -586,6 +587,7 @@ def compile_training(causal_lm, train_config, optimizer):
             weighted_metrics=[
                 keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                 keras_hub.metrics.Perplexity(from_logits=True, name="perplexity"),
+                StepLoss(from_logits=True),
             ],
             metrics=counts,
             sampler="greedy",

@@ -249,6 +249,11 @@ class ScalarWriter:
                 if value is not None and value == value:
                     tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step), metadata=self._metadata)
 
+    def flush(self):
+        """Puts what was written on disk, for TensorBoard to show while the run goes on."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self):
         if self.writer is not None:
             self.writer.flush()

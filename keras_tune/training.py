@@ -33,7 +33,7 @@ import sys
 
 from keras_tune import config as config_lib
 from keras_tune import rundir
-from keras_tune.errors import LossNotFinite, UserError, WriteFailed
+from keras_tune.errors import LossNotFinite, PeerLost, UserError, WriteFailed
 from keras_tune.models import families
 
 
@@ -57,6 +57,8 @@ class RunState:
         initial_step: the step the run continues from (0 when fresh).
         progress: the callbacks' shared `Progress` (`fit_steps`).
         history: keras' history dict.
+        watchdog: the run's `keras_tune.watchdog.Watchdog` while the loop runs (`guarded`).
+        guard: its `SigtermGuard`.
     """
 
     config: object
@@ -74,6 +76,8 @@ class RunState:
     initial_step: int = 0
     progress: object = None
     history: dict = dataclasses.field(default_factory=dict)
+    watchdog: object = None
+    guard: object = None
 
 
 @dataclasses.dataclass
@@ -138,8 +142,9 @@ def train(state):
     compile_model(state)
     resume(state)
     restart_logs(state)
-    evaluate_before(state)
-    fit_steps(state)
+    with guarded(state):  # from here on the processes meet in collectives: no silent hang
+        evaluate_before(state)
+        fit_steps(state)
     validation = finish(state)
     return RunResult(
         output_dir=state.output_dir, plan=state.plan, causal_lm=state.causal_lm, history=state.history,
@@ -238,6 +243,45 @@ def restart_logs(state):
         import shutil
 
         shutil.rmtree(os.path.join(state.output_dir, "tensorboard"), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def guarded(state):
+    """Runs the training loop under a watchdog and a SIGTERM guard (`keras_tune.watchdog`).
+
+    Args:
+        state: the run's `RunState` (its `watchdog` and `guard` are set inside).
+    """
+    from keras_tune.watchdog import SigtermGuard, Watchdog, process_label
+
+    train_config, label = state.config.train, process_label()
+    store = state.store
+
+    def last_checkpoint():
+        steps = store.steps()
+        return f"checkpoint {store.path(steps[-1])}" if steps else "the start (no checkpoint yet)"
+
+    with Watchdog(train_config.step_timeout, train_config.compile_timeout, label) as state.watchdog, \
+            SigtermGuard(train_config.sigterm_grace, label, last_checkpoint) as state.guard:
+        try:
+            yield state
+        except Exception as error:
+            if not _collective_failed(error):
+                raise
+            raise PeerLost(f"{label} lost a peer {state.watchdog.phase}: {_first_line(error)}; "
+                           f"a rerun continues from {last_checkpoint()}") from None
+
+
+def _collective_failed(error):
+    """Whether an error from the loop is a collective that failed across processes (a peer gone)."""
+    import jax
+
+    return jax.process_count() > 1 and type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -371,6 +415,23 @@ def detached_preprocessor(model):
         model.preprocessor = preprocessor
 
 
+def validation_steps(state):
+    """Batches an evaluation takes: `--eval-steps`, else the whole split, counted before any step.
+
+    Every process evaluates exactly this many global batches: Keras gives each
+    its share of every batch, and a count fixed in advance ends the loop on
+    every process at the same step (no process may stop at its data's end
+    while another waits for it in a collective).
+
+    Args:
+        state: the run's `RunState` with its data.
+    """
+    known, asked = state.data.validation_steps, state.config.train.eval_steps
+    if not known:  # a bundle made by hand: its length is not known in advance
+        return asked or None
+    return min(asked, known) if asked else known
+
+
 def evaluate_before(state):
     """Validates once before a fresh run trains, and logs it as step 0.
 
@@ -380,12 +441,15 @@ def evaluate_before(state):
     Returns:
         Keras' results dict, or None when there is nothing to do.
     """
-    data, config = state.data, state.config
+    from keras_tune.callbacks import Heartbeat
+
+    data = state.data
     if data.validation is None or state.initial_step:
         return None
+    heartbeat = [Heartbeat(state.watchdog)] if state.watchdog is not None else []
     with detached_preprocessor(state.trainer):
-        before = state.trainer.evaluate(data.validation, steps=config.train.eval_steps or None, verbose=0,
-                                        return_dict=True)
+        before = state.trainer.evaluate(data.validation, steps=validation_steps(state), verbose=0,
+                                        return_dict=True, callbacks=heartbeat)
     if rundir.is_primary():
         rundir.log_evaluation(state.output_dir, 0, before)
     print(f"validation before training: loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
@@ -495,8 +559,11 @@ def training_callbacks(state):
     rate_at = cb.learning_rate_at(learning_rate_schedule(config.optimizer, state.total_steps))
     accumulation = max(1, config.optimizer.accumulation_steps)
     throughput = cb.Throughput(per_token, peak)
-    metrics_log = cb.MetricsLog(progress, state.output_dir, learning_rate=lambda step: rate_at(step // accumulation))
+    metrics_log = cb.MetricsLog(progress, state.output_dir, learning_rate=lambda step: rate_at(step // accumulation),
+                                every_seconds=config.train.log_every_seconds)
     callbacks = [cb.CommittedState(), cb.StepTracker(progress), throughput, metrics_log]
+    if state.watchdog is not None:
+        callbacks.insert(0, cb.Heartbeat(state.watchdog, progress))
     samples = _samples(state)
     if samples is not None:
         callbacks.append(samples)
@@ -508,7 +575,8 @@ def training_callbacks(state):
         return store.path(step)
 
     callbacks.append(cb.Checkpoints(progress, store, config.train.save_every, metadata=metadata))
-    callbacks.append(cb.Preemption(progress, save_now, before_save=[metrics_log.flush]))
+    if state.guard is not None:
+        callbacks.append(cb.Preemption(progress, save_now, state.guard, before_save=[metrics_log.flush]))
     return callbacks, throughput.clock()
 
 
@@ -519,6 +587,7 @@ def fit_steps(state):
         state: the run's `RunState`, compiled and resumed (its `progress` and `history` are set here).
     """
     from keras_tune.callbacks import Progress
+    from keras_tune.environment import stdout_is_terminal
 
     config, total, start = state.config, state.total_steps, state.initial_step
     state.progress = Progress(total_steps=total, step=start, initial_step=start)
@@ -536,14 +605,14 @@ def fit_steps(state):
         fitted = state.trainer.fit(
             dataset,
             validation_data=state.data.validation,
-            validation_steps=config.train.eval_steps or None,
+            validation_steps=validation_steps(state) if state.data.validation is not None else None,
             validation_freq=validation_epochs,
             epochs=epochs,
             initial_epoch=initial_epoch,
             steps_per_epoch=period,
             shuffle=False,  # the data module shuffles, seeded
             callbacks=[*ours, *state.callbacks, clock],  # the clock last: callback work is not step time
-            verbose=(1 if sys.stdout.isatty() else 2) if rundir.is_primary() else 0,  # one progress bar
+            verbose=(1 if stdout_is_terminal() else 2) if rundir.is_primary() else 0,  # one progress bar
         )
     state.history = fitted.history
 

@@ -148,3 +148,42 @@ def test_seq_len_beyond_the_trained_context_is_a_warning_naming_both(capsys, no_
                          "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "--seq-len 9000 is beyond the 8192 tokens gemma_2b_en was trained on" in err
+
+
+@pytest.mark.slow
+def test_sigterm_inside_a_long_epoch_resumes_exactly_and_metrics_are_on_disk_while_it_runs(corpus, tmp_path):
+    """One epoch of 400 steps, no periodic checkpoint or evaluation: metrics.csv has rows while the run is
+    still going (--log-every), SIGTERM writes the state after the step it names, and every loss the rerun
+    logs is the uninterrupted run's."""
+    flags = ["--preset", "gemma_tiny", "--data", "text", "--data-path", corpus, "--steps", "400", "--eval-steps", "1",
+             "--log-every", "0.2"]
+    reference = tmp_path / "reference"
+    assert fit.main([*flags, "--output-dir", str(reference)]) == 0
+    out = tmp_path / "preempted"
+    command = [sys.executable, "-m", "keras_tune.fit", *flags, "--output-dir", str(out)]
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+        try:
+            metrics, deadline, live = out / "metrics.csv", time.time() + 240, []
+            while process.poll() is None and time.time() < deadline and len(live) < 5:
+                live = [row for row in (read_rows(str(metrics)) if metrics.exists() else []) if row["loss"] is not None]
+                time.sleep(0.05)
+            running = process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = (tmp_path / "first.log").read_text()
+    assert running and len(live) >= 5, output[-2000:]  # rows of the one epoch, read while it ran
+    assert process.returncode == 143, output[-3000:]
+    (step,) = [int(name) for name in os.listdir(out / "checkpoints") if name.isdigit()]
+    assert 0 < step < 400
+    resumed = run_to_end(command)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    rows, uninterrupted = read_rows(str(out / "metrics.csv")), read_rows(str(reference / "metrics.csv"))
+    assert [r["step"] for r in rows] == [r["step"] for r in uninterrupted] == list(range(401))
+    after = [r["loss"] for r in rows if r["step"] > step]
+    np.testing.assert_allclose(after, [r["loss"] for r in uninterrupted if r["step"] > step], rtol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in rows[1:]], [r["loss"] for r in uninterrupted[1:]], rtol=1e-6)
+    assert max_diff(adapter_arrays(reference / "adapter.npz"), adapter_arrays(out / "adapter.npz")) <= 1e-6
