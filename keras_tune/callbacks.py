@@ -53,24 +53,47 @@ _COUNT_KEYS = ("tokens", "non_pad_tokens")
 class Progress:
     """State the callbacks share.
 
+    Keras steps through batches; with gradient accumulation an optimizer
+    update takes `batches_per_update` of them. What a user counts (steps in
+    `metrics.csv`, `--eval-every`, `--save-every`, `--sample-every`,
+    checkpoint names) are updates.
+
     Attributes:
-        total_steps: steps of the whole run.
-        step: batches trained so far, counting the steps before a resume.
-        initial_step: the step this process started from (0, or a checkpoint's).
-        step_loss: the loss of the latest step alone (keras logs a running mean).
-        nonfinite_step: the step whose loss was NaN/inf, if any.
+        total_steps: batches of the whole run.
+        step: batches trained so far, counting those before a resume.
+        initial_step: the batch this process started from (0, or a checkpoint's).
+        batches_per_update: batches whose gradients make one optimizer update.
+        step_loss: the loss of the latest batch alone (keras logs a running mean).
+        nonfinite_step: the update whose loss was NaN/inf, if any.
+        skipped: updates a float16 overflow skipped (`LossScaleMonitor`).
     """
 
     total_steps: int
     step: int = 0
     initial_step: int = 0
+    batches_per_update: int = 1
     step_loss: float = float("nan")
     nonfinite_step: int = None
     nonfinite_loss: float = None
+    skipped: list = dataclasses.field(default_factory=list)
 
     @property
     def diverged(self):
         return self.nonfinite_step is not None
+
+    @property
+    def update(self):
+        """Optimizer updates made so far (batches, with accumulation, grouped)."""
+        return self.step // self.batches_per_update
+
+    @property
+    def total_updates(self):
+        return self.total_steps // self.batches_per_update
+
+    @property
+    def at_update(self):
+        """Whether the latest batch completed an optimizer update."""
+        return self.step % self.batches_per_update == 0
 
 
 class CommittedState(keras.callbacks.Callback):
@@ -91,16 +114,24 @@ class CommittedState(keras.callbacks.Callback):
 class StepTracker(keras.callbacks.Callback):
     """Counts global steps, stops at `total_steps`, and stops on a NaN/inf loss.
 
+    In a `mixed_float16` run (`loss_scaled`), a batch whose loss or gradients
+    overflow float16 makes Keras' `LossScaleOptimizer` skip that update and
+    halve its loss scale: that is logged as a skipped update, not divergence,
+    until the scale falls below 1 (the loss is non-finite whatever the scale).
+
     Args:
         progress: the shared `Progress`.
-        log: where the divergence line goes.
+        log: where the divergence and skip lines go.
+        loss_scaled: the optimizer is a `LossScaleOptimizer` (mixed_float16).
     """
 
-    def __init__(self, progress, log=None):
+    def __init__(self, progress, log=None, loss_scaled=False):
         super().__init__()
         self.progress = progress
         self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.loss_scaled = loss_scaled
         self._mean = 0.0
+        self._scale = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._mean = 0.0
@@ -108,6 +139,16 @@ class StepTracker(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         for key in ("step_loss", "val_step_loss"):  # a batch's figure, meaningless for an epoch
             (logs or {}).pop(key, None)
+
+    def _skipped(self):
+        """Whether the loss scale fell on this batch (an update skipped), logging it if so."""
+        scale = float(self.model.optimizer.dynamic_scale)  # `self.model` syncs the state fit holds
+        fell = self._scale is not None and scale < self._scale and scale >= 1.0
+        self._scale = scale
+        if fell:
+            self.progress.skipped.append(self.progress.step)
+            self.log(f"step {self.progress.update}: float16 overflow, update skipped (loss scale now {scale:g})")
+        return fell
 
     def on_train_batch_end(self, batch, logs=None):
         progress, logs = self.progress, logs if logs is not None else {}
@@ -118,10 +159,12 @@ class StepTracker(keras.callbacks.Callback):
         # same), so one step's loss is k * m_k - (k - 1) * m_(k-1), to float32 precision.
         progress.step_loss = float(own) if own is not None else (batch + 1) * mean - batch * self._mean
         self._mean = mean
-        if not math.isfinite(mean) and not progress.diverged:
-            progress.nonfinite_step = progress.step
-            progress.nonfinite_loss = mean
-            self.log(f"loss is {mean} at step {progress.step}: stopping")
+        skipped = self._skipped() if self.loss_scaled else False
+        loss = progress.step_loss if own is not None else mean
+        if not math.isfinite(loss) and not skipped and not progress.diverged:
+            progress.nonfinite_step = progress.update
+            progress.nonfinite_loss = loss
+            self.log(f"loss is {loss} at step {progress.update}: stopping")
             self._model.stop_training = True
         if progress.step >= progress.total_steps:
             self._model.stop_training = True
@@ -220,7 +263,10 @@ def learning_rate_at(rate):
 
 
 class MetricsLog(keras.callbacks.Callback):
-    """Writes `metrics.csv` (a row a step) and TensorBoard scalars under `tensorboard/`.
+    """Writes `metrics.csv` (a row an optimizer update) and TensorBoard scalars under `tensorboard/`.
+
+    With gradient accumulation a row stands for its update's batches: their
+    mean loss, their summed time, their tokens over that time.
 
     Rows are written at least every `every_seconds` while training, so a long
     epoch can be watched as it runs and a crash loses little, and at every epoch
@@ -234,7 +280,7 @@ class MetricsLog(keras.callbacks.Callback):
     Args:
         progress: the shared `Progress`.
         output_dir: the run directory.
-        learning_rate: `step -> learning rate` (see `learning_rate_at`), or None.
+        learning_rate: `update -> learning rate` (see `learning_rate_at`), or None.
         every_seconds: the longest time between writes while training (0: epoch ends only).
     """
 
@@ -246,6 +292,7 @@ class MetricsLog(keras.callbacks.Callback):
         self.path = os.path.join(output_dir, "metrics.csv")
         self.tensorboard_dir = os.path.join(output_dir, "tensorboard")
         self._rows = []
+        self._batches = []  # the batches of the update under way
         self._scalars = None
         self._written_at = time.monotonic()
 
@@ -255,22 +302,36 @@ class MetricsLog(keras.callbacks.Callback):
         self._written_at = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        step = self.progress.step
-        self._rows.append(
-            {
-                "step": step,
-                "loss": self.progress.step_loss,
-                "learning_rate": self.learning_rate(step - 1) if self.learning_rate else None,
-                "step_time_s": logs.get("step_time"),
-                "tokens_per_s": logs.get("tokens_per_sec"),
-                "non_pad_tokens_per_s": logs.get("non_pad_tokens_per_sec"),
-                "mfu": logs.get("mfu"),
-            }
-        )
+        logs, progress = logs or {}, self.progress
+        self._batches.append((progress.step_loss, logs.get("step_time"), logs.get("tokens_per_sec"),
+                              logs.get("non_pad_tokens_per_sec"), logs.get("mfu")))
+        if not progress.at_update:  # with accumulation: a row when the update is made
+            return
+        self._rows.append(self._update_row(progress.update))
         if self.every_seconds and time.monotonic() - self._written_at >= self.every_seconds:
             # The epoch's last row waits for its validation columns (`on_epoch_end`).
             self.flush(hold_last=batch + 1 >= (self.params or {}).get("steps", 0))
+
+    def _update_row(self, update):
+        """The row of one optimizer update, from its batches: mean loss, summed time, tokens over time."""
+        batches, self._batches = self._batches, []
+        losses, times, tokens, non_pad, mfu = zip(*batches)
+        seconds = sum(t for t in times if t is not None) if all(t is not None for t in times) else None
+
+        def rate(values):  # tokens/s of the update: its tokens over its time
+            if seconds is None or any(v is None for v in values):
+                return None
+            return sum(v * t for v, t in zip(values, times)) / seconds if seconds > 0 else 0.0
+
+        return {
+            "step": update,
+            "loss": sum(losses) / len(losses),
+            "learning_rate": self.learning_rate(update - 1) if self.learning_rate else None,
+            "step_time_s": seconds,
+            "tokens_per_s": rate(tokens),
+            "non_pad_tokens_per_s": rate(non_pad),
+            "mfu": rate(mfu),
+        }
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -323,7 +384,7 @@ class Samples(keras.callbacks.Callback):
         generate: `(model, prompts) -> texts`; it gets the model with the
             weights `fit` holds synced into it (`keras_tune.training` passes
             `keras_tune.decoding.generate_texts` with the detached preprocessor).
-        every: steps between samples (0 = before and after only).
+        every: optimizer updates between samples (0 = before and after only).
         log: where to echo the samples (None = quiet).
     """
 
@@ -354,27 +415,29 @@ class Samples(keras.callbacks.Callback):
             self.write(0, "before training")
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.progress.step
-        if self.every and step % self.every == 0 and step < self.progress.total_steps and not self.progress.diverged:
-            self.write(step, "training")
+        progress = self.progress
+        update = progress.update
+        if (self.every and progress.at_update and update % self.every == 0 and progress.step < progress.total_steps
+                and not progress.diverged):
+            self.write(update, "training")
 
     def on_train_end(self, logs=None):
         if not self.progress.diverged:
-            self.write(self.progress.step, "after training")
+            self.write(self.progress.update, "after training")
 
 
 class Checkpoints(keras.callbacks.Callback):
     """Saves an Orbax checkpoint at the end of each epoch that ends on a multiple of `every` steps, and at the end.
 
-    `fit.run` makes its keras epochs divide `every`, so a checkpoint is always
+    `training.run` makes its keras epochs divide `every`, so a checkpoint is always
     written after that step's evaluation and metrics rows: a resumed run
     repeats nothing and loses nothing. A diverged run writes no checkpoint.
 
     Args:
         progress: the shared `Progress`.
         store: a `keras_tune.checkpoint.CheckpointStore`.
-        every: steps between checkpoints (0 = at the end only).
-        metadata: `(step, logs) -> dict` of extra JSON to store.
+        every: optimizer updates between checkpoints (0 = at the end only).
+        metadata: `(progress, logs) -> dict` of extra JSON to store.
     """
 
     def __init__(self, progress, store, every=0, metadata=None):
@@ -382,14 +445,15 @@ class Checkpoints(keras.callbacks.Callback):
         self.progress = progress
         self.store = store
         self.every = int(every)
-        self.metadata = metadata or (lambda step, logs: {})
+        self.metadata = metadata or (lambda progress, logs: {})
 
     def on_epoch_end(self, epoch, logs=None):
-        step = self.progress.step
-        if self.progress.diverged or step == self.progress.initial_step:
+        progress = self.progress
+        if progress.diverged or progress.step == progress.initial_step:
             return
-        if (self.every and step % self.every == 0) or step >= self.progress.total_steps:
-            self.store.save(step, self.model, self.metadata(step, dict(logs or {})))
+        update = progress.update
+        if (self.every and update % self.every == 0) or progress.step >= progress.total_steps:
+            self.store.save(update, self.model, self.metadata(progress, dict(logs or {})))
 
     def on_train_end(self, logs=None):
         self.store.wait()
@@ -415,7 +479,7 @@ class Preemption(keras.callbacks.Callback):
 
     Args:
         progress: the shared `Progress`.
-        save: `(step, model, logs) -> checkpoint path`, blocking until written.
+        save: `(progress, model, logs) -> checkpoint path`, blocking until written.
         guard: the run's `SigtermGuard` (its `requested` and `acknowledge`).
         before_save: callables run first (e.g. `MetricsLog.flush`).
     """
@@ -433,16 +497,18 @@ class Preemption(keras.callbacks.Callback):
         self._multi = jax.process_count() > 1
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.progress.step
+        progress = self.progress
+        if not progress.at_update:  # the update under way finishes first: its rows and state stay whole
+            return
         requested = _any_process(self.guard.requested) if self._multi else self.guard.requested
-        if not requested or self.progress.diverged:
+        if not requested or progress.diverged:
             return
         self.guard.acknowledge()
         for flush in self.before_save:
             flush()
-        path = self.save(step, self.model, dict(logs or {}))
-        raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {path} written: run the same command "
-                        "again to continue from it")
+        path = self.save(progress, self.model, dict(logs or {}))
+        raise Preempted(f"stopped by SIGTERM after step {progress.update}; checkpoint {path} written: run the same "
+                        "command again to continue from it")
 
 
 class Heartbeat(keras.callbacks.Callback):
@@ -467,7 +533,7 @@ class Heartbeat(keras.callbacks.Callback):
         self.progress = progress
 
     def _step(self):
-        return self.progress.step if self.progress is not None else 0
+        return self.progress.update if self.progress is not None else 0
 
     def on_train_begin(self, logs=None):
         self._first = True

@@ -32,7 +32,8 @@ MODEL_FLAGS = (
     ("--mesh", "distribution.mesh", str, "device mesh BxM (batch x model), e.g. 1x8, 2x4, 8x1; 'auto' = 1xN"),
     ("--layout", "distribution.layout", str, "layout name (see layouts/) or path to a layout .json"),
     ("--simulate-devices", "distribution.simulate_devices", int, "CPU only: expose N host devices to try any mesh"),
-    ("--precision", "train.precision", str, "float32, mixed_bfloat16 or bfloat16 (weights and compute; LoRA stays float32)"),
+    ("--precision", "train.precision", str, "float32, mixed_bfloat16, mixed_float16 (dynamic loss scaling: T4, P100) or "
+     "bfloat16 (weights and compute; LoRA stays float32)"),
 )
 
 

@@ -31,7 +31,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 RECIPES = ("imdb", "mtnt", "code", "text", "chat")
 BATCHINGS = ("auto", "pack", "bucket", "pad")
-PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "bfloat16")
+OVERLONG = ("truncate", "drop")
+SAMPLE_FORMATS = ("", "chat", "plain")
 LOSSES = ("sparse", "full")
 QUANTIZATIONS = ("", "int8", "int4")
 KEPT_ACTIVATIONS = ("matmuls", "all")
@@ -63,6 +65,10 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # A LoRA adapter .npz to load (generate, evaluate, export) or to
                 # start training from (fit).
                 "adapter": "",
+                # A SentencePiece model (`python -m keras_tune.tokenizer train`) for a
+                # randomly initialized model (source "tiny"): the vocabulary size is
+                # the tokenizer's. "" = the tiny offline tokenizer.
+                "tokenizer": "",
                 "instruct": False,
                 # keras-hub backbone constructor arguments, so planning needs
                 # no download.
@@ -117,6 +123,9 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 "prompt_template": "Translate this into French:\n{source}\n",
                 "batching": "auto",
                 "key_tokens": ("plt", "pd", "sk", "fit", "predict"),
+                # Examples longer than seq_len: "truncate" (cut to a row) or "drop" (left
+                # out, counted); documents packed from a stream are never cut away.
+                "overlong": "truncate",
                 "key_token_alpha": 0.0,
                 "shuffle_buffer": 10000,
                 # Packed rows: False masks attention to each document (segment
@@ -147,6 +156,9 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # a checkpoint before it stops without one (a second SIGTERM: at once).
                 "sigterm_grace": 30.0,
                 "sample_prompts": (),
+                # How --sample-prompt is sent: "chat" (the model's turn format),
+                # "plain", or "" = as the data recipe trains (chat for the chat recipe).
+                "sample_format": "",
                 "sample_every": 0,
                 "sample_max_length": 64,
                 "peak_tflops": 0.0,
@@ -318,6 +330,12 @@ def validate(config):
             )
     if model.adapter:
         _check(os.path.isfile(model.adapter), f"--adapter {model.adapter}: no such file; expected an adapter .npz")
+    if model.tokenizer:
+        _check(model.source == "tiny", f"model.tokenizer {model.tokenizer}: a tokenizer file is for a randomly "
+                                       f"initialized model (model.source tiny); this preset's source is {model.source}")
+        _check(os.path.isfile(model.tokenizer),
+               f"model.tokenizer {model.tokenizer}: no such file; expected a SentencePiece .model file "
+               "(python -m keras_tune.tokenizer train)")
     _check(
         isinstance(dist.mesh, str) and bool(_MESH_PATTERN.match(dist.mesh)),
         f"--mesh '{dist.mesh}' is not of the form BxM (e.g. 1x8, 2x4) or 'auto'",
@@ -373,6 +391,7 @@ def _validate_training(lora, opt, data, train):
     _check(data.name in RECIPES, f"--data '{data.name}'; expected one of {RECIPES}")
     _check(data.batching in BATCHINGS, f"--batching '{data.batching}'; expected one of {BATCHINGS}")
     _check(data.seq_len >= 8, f"--seq-len {data.seq_len}: expected at least 8 tokens")
+    _check(data.overlong in OVERLONG, f"--overlong '{data.overlong}'; expected one of {', '.join(OVERLONG)}")
     _check(data.batch_size >= 1, f"--batch-size {data.batch_size}: expected at least 1")
     _check(data.max_examples >= 0, f"--max-examples {data.max_examples}: expected >= 0 (0 means all)")
     _check(0.0 <= data.validation_fraction < 1.0, f"data.validation_fraction {data.validation_fraction}: expected in [0, 1)")
@@ -386,6 +405,8 @@ def _validate_training(lora, opt, data, train):
     _check(train.step_timeout >= 0, f"--step-timeout {train.step_timeout}: expected seconds >= 0 (0 = never)")
     _check(train.compile_timeout >= 0, f"train.compile_timeout {train.compile_timeout}: expected seconds >= 0")
     _check(train.sigterm_grace > 0, f"train.sigterm_grace {train.sigterm_grace}: expected seconds > 0")
+    _check(train.sample_format in SAMPLE_FORMATS,
+           f"--sample-format '{train.sample_format}'; expected chat, plain or nothing (as the data recipe trains)")
     _check(train.sample_max_length >= 2, f"--sample-max-length {train.sample_max_length}: expected at least 2 tokens")
     _check(
         all(isinstance(p, str) and p.strip() for p in train.sample_prompts),
@@ -402,6 +423,21 @@ def _validate_training(lora, opt, data, train):
     )
 
 
+def _given_settings_win(config, overrides):
+    """Settings a user gave override the preset's settings they would otherwise lose to.
+
+    `--epochs` without `--steps` trains that many passes even where the preset
+    sets `train.steps`; switching to SGD drops the preset's AdamW weight decay
+    and clipping unless they are given too (the seeds' SGD uses neither).
+    """
+    if "train.epochs" in overrides and "train.steps" not in overrides:
+        config.train.steps = 0
+    if overrides.get("optimizer.name") == "sgd":
+        for field in ("weight_decay", "clipnorm"):
+            if f"optimizer.{field}" not in overrides:
+                config.optimizer[field] = 0.0
+
+
 def load_config(preset=None, config_file=None, overrides=None):
     """Builds and validates a run config.
 
@@ -410,6 +446,11 @@ def load_config(preset=None, config_file=None, overrides=None):
         config_file: a user's copy of a preset file (its `get_config()` is used
             instead of `preset`).
         overrides: dotted field overrides such as `{"lora.rank": 8}`.
+
+    A setting given in `overrides` wins over the preset's defaults it would
+    otherwise lose to: `train.epochs` clears the preset's `train.steps`, and
+    `optimizer.name=sgd` clears the preset's weight decay and clipping unless
+    those are given too.
 
     Returns:
         A validated, locked `ConfigDict` (fields can be changed, none added).
@@ -425,6 +466,7 @@ def load_config(preset=None, config_file=None, overrides=None):
     merged.update(config)
     config = merged
     apply_overrides(config, overrides)
+    _given_settings_win(config, overrides or {})
     validate(config)
     config.lock()
     return config

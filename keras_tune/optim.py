@@ -68,12 +68,41 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_tune")
+class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule of optimizer updates, read at Keras' batch count when gradients accumulate.
+
+    With `gradient_accumulation_steps=N` Keras calls the schedule with the
+    number of batches seen, not of updates made; this wrapper divides, so the
+    learning rate an update applies is `schedule(update)`, what `metrics.csv` logs.
+
+    Args:
+        schedule: a `LearningRateSchedule` over optimizer updates.
+        batches_per_update: N.
+    """
+
+    def __init__(self, schedule, batches_per_update):
+        self.schedule = schedule
+        self.batches_per_update = int(batches_per_update)
+
+    def __call__(self, step):
+        return self.schedule(keras.ops.floor_divide(step, self.batches_per_update))
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule),
+                "batches_per_update": self.batches_per_update}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["batches_per_update"])
+
+
 def learning_rate_schedule(optimizer_config, total_steps):
     """The learning rate (a float, or a schedule when warmup or decay is asked for).
 
     Args:
         optimizer_config: the `optimizer` section of a run config.
-        total_steps: optimizer steps of the whole run.
+        total_steps: optimizer updates of the whole run (warmup counts updates too).
     """
     if optimizer_config.schedule == "constant" and optimizer_config.warmup_steps == 0:
         return optimizer_config.learning_rate
@@ -93,17 +122,19 @@ def build_optimizer(optimizer_config, total_steps):
             learning_rate, weight_decay, exclude_embeddings_from_decay, betas,
             epsilon, momentum, schedule, warmup_steps, clipnorm,
             accumulation_steps).
-        total_steps: optimizer steps of the whole run, for the schedule.
+        total_steps: optimizer updates of the whole run, for the schedule
+            (with accumulation, Keras' batch count is read per update: `PerUpdate`).
 
     Returns:
         A `keras.optimizers.AdamW` or `keras.optimizers.SGD`.
     """
+    rate, accumulation = learning_rate_schedule(optimizer_config, total_steps), optimizer_config.accumulation_steps
+    if accumulation > 1 and callable(rate):
+        rate = PerUpdate(rate, accumulation)
     common = dict(
-        learning_rate=learning_rate_schedule(optimizer_config, total_steps),
+        learning_rate=rate,
         global_clipnorm=optimizer_config.clipnorm or None,
-        gradient_accumulation_steps=(
-            optimizer_config.accumulation_steps if optimizer_config.accumulation_steps > 1 else None
-        ),
+        gradient_accumulation_steps=accumulation if accumulation > 1 else None,
     )
     if optimizer_config.name == "sgd":
         # The memory-light choice: no state at all without momentum.

@@ -52,9 +52,10 @@ class RunState:
         causal_lm: the built CausalLM (`build`).
         trainable: its trainable report.
         data: the `DataBundle` (`setup_data`).
-        total_steps: optimizer steps of the whole run.
+        total_steps: optimizer updates of the whole run (what `--steps` counts).
         trainer: the compiled model `fit` runs (`compile_model`).
-        initial_step: the step the run continues from (0 when fresh).
+        initial_step: the batch the run continues from (0 when fresh; a
+            checkpoint's data position; with accumulation, updates x batches_per_update).
         progress: the callbacks' shared `Progress` (`fit_steps`).
         history: keras' history dict.
         watchdog: the run's `keras_tune.watchdog.Watchdog` while the loop runs (`guarded`).
@@ -148,7 +149,8 @@ def train(state):
     validation = finish(state)
     return RunResult(
         output_dir=state.output_dir, plan=state.plan, causal_lm=state.causal_lm, history=state.history,
-        trainable=state.trainable, initial_step=state.initial_step, final_step=state.progress.step,
+        trainable=state.trainable, initial_step=state.initial_step // _batches_per_update(state.config),
+        final_step=state.progress.update,
         validation=validation,
     )
 
@@ -236,7 +238,7 @@ def restart_logs(state):
     """
     if not rundir.is_primary():
         return
-    last = state.initial_step if state.initial_step else -1
+    last = state.initial_step // _batches_per_update(state.config) if state.initial_step else -1
     rundir.truncate_rows(os.path.join(state.output_dir, "metrics.csv"), last)
     rundir.truncate_samples(os.path.join(state.output_dir, "samples.txt"), last)
     if not state.initial_step:  # a fresh start: no events from an attempt that saved no checkpoint
@@ -326,12 +328,38 @@ def setup_data(state):
     state.data = make_datasets(config.data, state.causal_lm.preprocessor.tokenizer, seed=config.train.seed)
     print(state.data.report.summary())
     with_loss_positions_for(state.data, config.train)  # train, validation and the training stream alike
+    state.total_steps = run_length(config, state.data.steps_per_epoch)
+
+
+def _batches_per_update(config):
+    return max(1, int(config.optimizer.accumulation_steps))
+
+
+def run_length(config, batches_per_epoch):
+    """Optimizer updates the run makes, said in one line: `--steps`, else `--epochs` passes over the data.
+
+    Args:
+        config: the run config.
+        batches_per_epoch: training batches in one pass over the data (0 or None: unknown).
+
+    Returns:
+        The number of optimizer updates.
+    """
+    per_update = _batches_per_update(config)
     if config.train.steps:
-        state.total_steps = config.train.steps
-    elif state.data.steps_per_epoch:
-        state.total_steps = state.data.steps_per_epoch * config.train.epochs
+        updates = int(config.train.steps)
+    elif batches_per_epoch:
+        updates = batches_per_epoch * config.train.epochs // per_update
+        if not updates:
+            raise UserError(f"--epochs {config.train.epochs} of {batches_per_epoch} batches make no optimizer update "
+                            f"of {per_update} batches; expected more data, more --epochs or fewer --accumulation-steps")
     else:
         raise UserError("the data set's length is unknown; pass --steps N")
+    batches = updates * per_update
+    passes = f", {batches / batches_per_epoch:.3g} passes over the data" if batches_per_epoch else ""
+    accumulated = f" of {per_update} batches each ({batches} batches)" if per_update > 1 else ""
+    print(f"training: {updates} optimizer updates{accumulated}{passes}")
+    return updates
 
 
 def compile_model(state):
@@ -390,8 +418,8 @@ def resume(state):
     meta = store.restore_latest(state.trainer, state.identity)
     if meta is None:
         return
-    state.initial_step = int(meta["step"])
-    print(f"resuming from {store.path(state.initial_step)}: step {state.initial_step} of {state.total_steps}, "
+    state.initial_step = int(meta["data_position"])
+    print(f"resuming from {store.path(int(meta['step']))}: step {int(meta['step'])} of {state.total_steps}, "
           f"skipping {meta['data_position']} training batches")
     for line in changed_settings(meta.get("config", {}), state.config):
         print(f"warning: resuming with a changed setting: {line}", file=sys.stderr)
@@ -512,7 +540,10 @@ def _samples(state):
     train_config, causal_lm = state.config.train, state.causal_lm
     if not train_config.sample_prompts:
         return None
-    preprocessor, chat = causal_lm.preprocessor, bool(state.config.model.instruct)
+    from keras_tune.data import prompt_format
+
+    chat = (train_config.sample_format or prompt_format(state.config.data)) == "chat"
+    preprocessor = causal_lm.preprocessor
     return cb.Samples(
         state.progress, train_config.sample_prompts, os.path.join(state.output_dir, "samples.txt"),
         every=train_config.sample_every,
@@ -525,16 +556,16 @@ def _samples(state):
 
 
 def checkpoint_metadata(state):
-    """`(step, logs) -> the record a checkpoint keeps beside the arrays`.
+    """`(progress, logs) -> the record a checkpoint keeps beside the arrays` (its data position: batches).
 
     Args:
         state: the run's `RunState`.
     """
     config_record = json.loads(config_lib.to_json(state.config))
 
-    def metadata(step, logs):
+    def metadata(progress, logs):
         return {
-            "identity": state.identity, "config": config_record, "data_position": step,
+            "identity": state.identity, "config": config_record, "data_position": progress.step,
             "total_steps": state.total_steps,
             "metrics": {k: v for k, v in logs.items() if isinstance(v, float) and math.isfinite(v)},
         }
@@ -557,11 +588,11 @@ def training_callbacks(state):
     config, store, progress = state.config, state.store, state.progress
     per_token, peak = _mfu_estimate(state)
     rate_at = cb.learning_rate_at(learning_rate_schedule(config.optimizer, state.total_steps))
-    accumulation = max(1, config.optimizer.accumulation_steps)
     throughput = cb.Throughput(per_token, peak)
-    metrics_log = cb.MetricsLog(progress, state.output_dir, learning_rate=lambda step: rate_at(step // accumulation),
+    metrics_log = cb.MetricsLog(progress, state.output_dir, learning_rate=rate_at,
                                 every_seconds=config.train.log_every_seconds)
-    callbacks = [cb.CommittedState(), cb.StepTracker(progress), throughput, metrics_log]
+    loss_scaled = config.train.precision == "mixed_float16"
+    callbacks = [cb.CommittedState(), cb.StepTracker(progress, loss_scaled=loss_scaled), throughput, metrics_log]
     if state.watchdog is not None:
         callbacks.insert(0, cb.Heartbeat(state.watchdog, progress))
     samples = _samples(state)
@@ -569,10 +600,10 @@ def training_callbacks(state):
         callbacks.append(samples)
     metadata = checkpoint_metadata(state)
 
-    def save_now(step, model, logs):
-        store.save(step, model, metadata(step, logs))
+    def save_now(progress, model, logs):
+        store.save(progress.update, model, metadata(progress, logs))
         store.wait()
-        return store.path(step)
+        return store.path(progress.update)
 
     callbacks.append(cb.Checkpoints(progress, store, config.train.save_every, metadata=metadata))
     if state.guard is not None:
@@ -589,13 +620,15 @@ def fit_steps(state):
     from keras_tune.callbacks import Progress
     from keras_tune.environment import stdout_is_terminal
 
-    config, total, start = state.config, state.total_steps, state.initial_step
-    state.progress = Progress(total_steps=total, step=start, initial_step=start)
+    config, per_update, start = state.config, _batches_per_update(state.config), state.initial_step
+    total = state.total_steps * per_update  # Keras counts batches
+    state.progress = Progress(total_steps=total, step=start, initial_step=start, batches_per_update=per_update)
     if start >= total:
-        print(f"{state.output_dir} is already trained to step {start} (of {total}); nothing to train")
+        print(f"{state.output_dir} is already trained to step {state.progress.update} (of {state.total_steps}); "
+              "nothing to train")
         return
     period, epochs, initial_epoch, validation_epochs = epoch_plan(
-        total, config.train.eval_every, config.train.save_every, start
+        total, config.train.eval_every * per_update, config.train.save_every * per_update, start
     )
     ours, clock = training_callbacks(state)
     # Batch s is a function of (seed, s) alone: resumed, the stream goes on where the

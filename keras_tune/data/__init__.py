@@ -54,6 +54,15 @@ def check_data(data_config):
     _recipe(data_config).check(data_config)
 
 
+def prompt_format(data_config):
+    """How a model tuned on the recipe is prompted: "chat" (turns) or "plain".
+
+    Args:
+        data_config: the `data` section of the run config.
+    """
+    return _recipe(data_config).PROMPT_FORMAT
+
+
 def make_datasets(data_config, tokenizer, seed=0, log=print):
     """Returns a `DataBundle` (train, validation, report, steps_per_epoch) for a recipe.
 
@@ -75,4 +84,4 @@ def make_datasets(data_config, tokenizer, seed=0, log=print):
     return make_bundle(source, tokenizer, data_config, seed=seed, log=log)
 
 
-__all__ = ["check_data", "make_datasets", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]
+__all__ = ["check_data", "make_datasets", "prompt_format", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]

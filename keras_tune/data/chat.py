@@ -31,6 +31,8 @@ from keras_tune.decoding import END_OF_TURN as END
 from keras_tune.decoding import MODEL_TURN as MODEL
 from keras_tune.decoding import USER_TURN as USER
 
+# How a model tuned on this recipe is prompted: in chat turns, or with plain text.
+PROMPT_FORMAT = "chat"
 SUFFIXES = (".jsonl", ".json", ".csv")
 ROLES = {"user": "user", "human": "user", "model": "model", "assistant": "model", "system": "system"}
 

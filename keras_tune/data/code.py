@@ -40,6 +40,8 @@ from keras_tune.data import files
 from keras_tune.data.files import ReadExamples, split_source
 from keras_tune.errors import UserError
 
+# How a model tuned on this recipe is prompted: in chat turns, or with plain text.
+PROMPT_FORMAT = "plain"
 KEYWORDS = ("pandas", "sklearn", "matplotlib", "seaborn")
 DEFAULT_FILES = 100
 MAX_DEFAULT_FILE_BYTES = 128 * 1024

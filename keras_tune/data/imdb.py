@@ -19,6 +19,8 @@ from keras_tune.data.tokens import document_example
 from keras_tune.data.tfds_source import load_split
 from keras_tune.errors import UserError
 
+# How a model tuned on this recipe is prompted: in chat turns, or with plain text.
+PROMPT_FORMAT = "plain"
 TFDS_NAME = "imdb_reviews"
 
 

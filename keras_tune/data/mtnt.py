@@ -22,6 +22,8 @@ from keras_tune.data.pipeline import Source
 from keras_tune.data.tfds_source import load_split
 from keras_tune.errors import UserError
 
+# How a model tuned on this recipe is prompted: in chat turns, or with plain text.
+PROMPT_FORMAT = "plain"
 PAIRS = ("en-fr", "en-ja", "fr-en")
 
 

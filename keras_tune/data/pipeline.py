@@ -144,7 +144,8 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         batching = "pack"
     report = DataReport(recipe=source.recipe, batching=batching, seq_len=seq_len, batch_size=batch_size)
     report.notes += source.notes
-    train_tok, val_tok = _tokenize_splits(source, tokenizer, seq_len, batching == "pack" and not whole, report, log)
+    train_tok, val_tok = _tokenize_splits(source, tokenizer, seq_len, batching == "pack" and not whole, report, log,
+                                          drop_overlong=data_config.get("overlong", "truncate") == "drop")
     if batching == "auto":  # whole examples: packed while that still fills a batch
         batching = report.batching = "pack" if packs_a_batch(train_tok, seq_len, batch_size) else "bucket"
     lengths = row_lengths(batching, train_tok, val_tok, seq_len, batch_size)
@@ -184,8 +185,11 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
     return DataBundle(train, validation, report, report.train.batches, validation_steps, stream)
 
 
-def _tokenize_splits(source, tokenizer, seq_len, streamed, report, log):
+def _tokenize_splits(source, tokenizer, seq_len, streamed, report, log, drop_overlong=False):
     """Tokenizes the train (and validation) examples; drops and counts the unusable ones.
+
+    With `drop_overlong`, whole examples (not a stream of documents) longer than a
+    row are dropped and counted instead of cut (`data.overlong = "drop"`).
 
     Returns:
         `(train Tokenized, validation Tokenized or None)`.
@@ -204,6 +208,10 @@ def _tokenize_splits(source, tokenizer, seq_len, streamed, report, log):
         empty = tok.lengths == 0
         split_report.dropped["empty after tokenizing"] += int(empty.sum())
         tok = drop_without_target(tok.select(~empty), seq_len, streamed, split_report)
+        if drop_overlong and not streamed:
+            fits = tok.lengths + 2 <= seq_len + 1  # with <bos> and <eos>, within a row of seq_len + 1 ids
+            split_report.dropped[f"longer than seq_len {seq_len} (--overlong drop)"] += int((~fits).sum())
+            tok = tok.select(fits)
         split_report.tokens = int(len(tok.ids))
         split_report.dropped = Counter({k: v for k, v in split_report.dropped.items() if v})
         tokens[split] = tok

@@ -25,6 +25,8 @@ from keras_tune.data import files
 from keras_tune.data.files import ReadExamples, read_examples, split_source
 from keras_tune.errors import UserError
 
+# How a model tuned on this recipe is prompted: in chat turns, or with plain text.
+PROMPT_FORMAT = "plain"
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 
 

@@ -162,11 +162,11 @@ def logits_bytes(shapes, tokens, compute_bytes, batch_axis, train_config):
             time, 0 = all at once); `quantize` "int4" (the sparse loss goes
             through keras-hub's head, the whole vocabulary at once; otherwise
             the table in blocks of `losses.vocabulary_block_rows` rows);
-            `precision` "mixed_bfloat16" (a block is cast, so the table is
+            `precision` "mixed_bfloat16" or "mixed_float16" (a block is cast, so the table is
             never taken whole).
     """
     loss, chunk_tokens, quantize = train_config.loss, train_config.loss_chunk_tokens, train_config.quantize
-    mixed_precision = train_config.precision == "mixed_bfloat16"
+    mixed_precision = train_config.precision.startswith("mixed_")
     # The float32 logits (shifted by their max) and the exp the cross-entropy
     # keeps, and their float32 gradient; logits in a narrower compute dtype are
     # cast first, and the soft cap keeps its tanh.

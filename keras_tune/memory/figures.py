@@ -12,7 +12,7 @@ from keras_tune.memory import activations
 from keras_tune.models import families
 
 
-_COMPUTE_BYTES = {"float32": 4, "mixed_bfloat16": 2, "bfloat16": 2}
+_COMPUTE_BYTES = {"float32": 4, "mixed_bfloat16": 2, "mixed_float16": 2, "bfloat16": 2}
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int8": 1, "float64": 8}
