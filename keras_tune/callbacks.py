@@ -514,8 +514,8 @@ class Preemption(keras.callbacks.Callback):
 class Heartbeat(keras.callbacks.Callback):
     """Beats the run's `keras_tune.watchdog.Watchdog` at every batch, naming what the loop is doing.
 
-    The first batch of a `fit` or `evaluate` call (tracing, compiling), and the
-    work between steps (samples, checkpoints), are slow phases. Defining
+    The first batch of a `fit` or `evaluate` call (tracing, compiling), a
+    compile JAX reports, and an epoch's end (checkpoints) are slow phases. Defining
     `on_test_batch_end` also makes Keras run evaluation callbacks in step with
     the loop instead of in a thread pool: evaluation then dispatches one batch
     after the other, as training does (several in flight at once deadlocked
@@ -545,7 +545,9 @@ class Heartbeat(keras.callbacks.Callback):
                            slow=slow)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.watchdog.beat(f"after training step {self._step()} (samples, metrics, checkpoints)", slow=True)
+        # The callbacks after a step are quick (a compile they cause is noticed as one), and they
+        # include the processes' SIGTERM agreement, a collective that a lost peer leaves hanging.
+        self.watchdog.beat(f"after training step {self._step()} (samples, metrics, the SIGTERM check)")
 
     def on_epoch_end(self, epoch, logs=None):
         self.watchdog.beat(f"at the end of an epoch, step {self._step()} (checkpoint, samples)", slow=True)

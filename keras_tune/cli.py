@@ -29,6 +29,8 @@ MEM_FRACTION_DEFAULT = "1.00"
 MODEL_FLAGS = (
     ("--weights", "model.weights", str, "a Gemma 3 .gguf file to load instead of the preset's weights"),
     ("--adapter", "model.adapter", str, "a LoRA adapter .npz written by keras_tune.fit (fit: start from it)"),
+    ("--init-from", "model.handle", str, "a keras-hub preset directory (a full-weight run's model/, export "
+     "--keras-preset's) whose architecture, weights and tokenizer replace the preset's (fit: start from it)"),
     ("--mesh", "distribution.mesh", str, "device mesh BxM (batch x model), e.g. 1x8, 2x4, 8x1; 'auto' = 1xN"),
     ("--layout", "distribution.layout", str, "layout name (see layouts/) or path to a layout .json"),
     ("--simulate-devices", "distribution.simulate_devices", int, "CPU only: expose N host devices to try any mesh"),
@@ -97,7 +99,8 @@ def overrides_from_args(args, flags=()):
     """Collects the config-field flags that were given (and `--set`) into dotted overrides.
 
     `--weights FILE` also switches the model source to GGUF (a Gemma 3 file: the
-    family with a GGUF importer).
+    family with a GGUF importer); `--init-from DIR` to that keras-hub preset
+    directory, whose family its config.json says.
 
     Args:
         args: parsed arguments of a `tool_parser`.
@@ -108,11 +111,13 @@ def overrides_from_args(args, flags=()):
         value = getattr(args, field, None)
         if value is not None and not (kind is bool and value is False):
             overrides[field] = tuple(value) if isinstance(value, list) else value
-    if overrides.get("model.weights"):
-        from keras_tune.models import families
+    from keras_tune.models import families
 
+    if overrides.get("model.weights"):
         readers = families.for_source("gguf")  # the family whose GGUF files --weights loads
         overrides.update({"model.source": "gguf", "model.family": readers[0].name})
+    if overrides.get("model.handle") and getattr(args, "model.handle", None):  # --init-from DIR
+        overrides.update({"model.source": "local", "model.family": families.of_preset_dir(overrides["model.handle"]).name})
     overrides.update(parse_set_flags(getattr(args, "set", [])))
     return overrides
 

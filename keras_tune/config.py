@@ -126,6 +126,13 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # Examples longer than seq_len: "truncate" (cut to a row) or "drop" (left
                 # out, counted); documents packed from a stream are never cut away.
                 "overlong": "truncate",
+                # Documents must mention one of these words to be kept ("" = all), on any source.
+                "filter_keywords": (),
+                # Files read as the validation split instead of a held-out share (a path, glob or directory).
+                "validation_path": "",
+                # Token shards on disk for a document corpus (code, text): "on", "off", or
+                # "auto" (on above 64 MB of input files; keras_tune.data.shards).
+                "shards": "auto",
                 "key_token_alpha": 0.0,
                 "shuffle_buffer": 10000,
                 # Packed rows: False masks attention to each document (segment
@@ -359,9 +366,10 @@ def validate(config):
             f"--process-id {dist.process_id}: expected 0 .. {dist.num_processes - 1} for --num-processes {dist.num_processes}",
         )
     _check(train.peak_tflops >= 0, f"--peak-tflops {train.peak_tflops}: expected >= 0 (0 = from the device table)")
-    # A GGUF carries its architecture in its metadata; every other source needs it here.
+    # A GGUF carries its architecture in its metadata, a preset directory in its config.json;
+    # every other source needs it here.
     _check(
-        len(model.arch) > 0 or model.source == "gguf",
+        len(model.arch) > 0 or model.source in ("gguf", "local"),
         f"preset '{config.preset}' has no model.arch numbers; expected keras-hub backbone arguments",
     )
     return config
@@ -392,6 +400,7 @@ def _validate_training(lora, opt, data, train):
     _check(data.batching in BATCHINGS, f"--batching '{data.batching}'; expected one of {BATCHINGS}")
     _check(data.seq_len >= 8, f"--seq-len {data.seq_len}: expected at least 8 tokens")
     _check(data.overlong in OVERLONG, f"--overlong '{data.overlong}'; expected one of {', '.join(OVERLONG)}")
+    _check(data.shards in ("auto", "on", "off"), f"--shards '{data.shards}'; expected auto, on or off")
     _check(data.batch_size >= 1, f"--batch-size {data.batch_size}: expected at least 1")
     _check(data.max_examples >= 0, f"--max-examples {data.max_examples}: expected >= 0 (0 means all)")
     _check(0.0 <= data.validation_fraction < 1.0, f"data.validation_fraction {data.validation_fraction}: expected in [0, 1)")
@@ -470,6 +479,18 @@ def load_config(preset=None, config_file=None, overrides=None):
     validate(config)
     config.lock()
     return config
+
+
+def data_config(overrides=None):
+    """The `data` section alone, at its defaults with `overrides` applied and checked (tools with no model).
+
+    Args:
+        overrides: dotted fields such as `{"data.name": "code", "data.path": "src/"}`.
+    """
+    config = base_config()
+    apply_overrides(config, overrides)
+    _validate_training(config.lora, config.optimizer, config.data, config.train)
+    return config.data
 
 
 def to_json(config):

@@ -75,6 +75,37 @@ def atomic_write(path, suffix=""):
             partial.unlink()
 
 
+def write_directory(path, write):
+    """Writes a directory with `write(partial_path)`, then moves it into place, replacing an older one.
+
+    A crash leaves the older directory whole (or none), never half of the new one.
+
+    Args:
+        path: the directory to write.
+        write: `folder -> None`, filling a new folder.
+    """
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    old = None
+    try:
+        write(partial)
+        if os.path.exists(path):
+            old = f"{partial}.old"
+            os.rename(path, old)
+        os.rename(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if old is not None and not os.path.exists(path):
+            os.rename(old, path)  # put the older one back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def refuse_existing(path, flag):
     """Refuses an output that exists and is not empty, before any model is built.
 

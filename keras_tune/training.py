@@ -16,8 +16,9 @@ print(result.output_dir, result.validation)
 ```
 
 A run directory holds `config.json`, `metrics.csv`, `tensorboard/`,
-`samples.txt`, `loss.png`, `checkpoints/` (Orbax) and `adapter.npz` (or
-`model.weights.h5` when `--lora-rank 0`); see `keras_tune.rundir`. Running again
+`samples.txt`, `loss.png`, `checkpoints/` (Orbax) and `adapter.npz` (or, with
+`--lora-rank 0`, the whole model as a keras-hub preset directory `model/`); see
+`keras_tune.rundir`. Running again
 into a directory that holds checkpoints continues from the newest good one:
 the same final weights and metrics as a run that was never interrupted.
 Failures are `keras_tune.errors`' kinds (a `UserError` before anything is
@@ -655,7 +656,7 @@ def fit_steps(state):
 
 
 def finish(state):
-    """Waits for checkpoints, draws `loss.png`, stops on divergence, writes the adapter.
+    """Waits for checkpoints, draws `loss.png`, stops on divergence, writes the adapter (or the model).
 
     Args:
         state: the run's `RunState` after `fit_steps`.
@@ -688,24 +689,28 @@ def finish(state):
 
 
 def write_weights(state):
-    """Writes what the run trained: `adapter.npz` (LoRA) or `model.weights.h5` (full fine-tuning).
+    """Writes what the run trained: `adapter.npz` (LoRA), or the whole model as a keras-hub preset in `model/`.
+
+    The preset directory (config, weights, tokenizer) is what `generate`,
+    `evaluate`, `export` and `fit --init-from` load, and keras-hub's
+    `CausalLM.from_preset` too. It is written beside and moved into place, so
+    an earlier one stays whole until the new one is.
 
     Args:
         state: the run's `RunState`.
 
     Raises:
-        WriteFailed: the file could not be written; an earlier one and the checkpoints are intact.
+        WriteFailed: it could not be written; an earlier one and the checkpoints are intact.
     """
     from keras_tune.lora import save_adapter
 
     config, store = state.config, state.store
-    path = os.path.join(state.output_dir, "adapter.npz" if config.lora.rank else "model.weights.h5")
+    path = os.path.join(state.output_dir, "adapter.npz" if config.lora.rank else "model")
     try:
         if config.lora.rank:
             save_adapter(state.causal_lm, path, preset=config.preset)
         else:
-            with rundir.atomic_write(path, suffix=".weights.h5") as partial:  # keras wants the suffix
-                state.causal_lm.save_weights(partial)
+            rundir.write_directory(path, state.causal_lm.save_to_preset)
     except OSError as error:
         steps = store.steps()
         kept = f"checkpoint {store.path(steps[-1])}" if steps else "no checkpoint"

@@ -88,7 +88,6 @@ class Watchdog:
         self.end = end or os._exit
         self.phase, self.slow = "starting", True
         self._last = time.monotonic()
-        self._compiles = 0
         self._stop = threading.Event()
         self._thread = None
 
@@ -102,13 +101,17 @@ class Watchdog:
         self.phase, self.slow, self._last = phase, slow, time.monotonic()
 
     def compiling(self, started):
-        """A backend compile started (lowering done) or finished; a compile is slow, and progress."""
-        self._compiles = max(0, self._compiles + (1 if started else -1))
+        """A backend compile started (lowering done) or finished: progress, and the phase is slow until the next beat.
+
+        (A compile served from a cache sends no end: the next beat ends the slow phase.)
+        """
         self._last = time.monotonic()
+        if started:
+            self.slow = True
 
     def limit(self):
         """Seconds the current phase may go without a beat."""
-        return self.compile_timeout if (self.slow or self._compiles) else self.step_timeout
+        return self.compile_timeout if self.slow else self.step_timeout
 
     def check(self, now=None):
         """Ends the process if the current phase has gone without a beat for longer than its limit."""

@@ -232,13 +232,17 @@ def test_code_model_from_scratch(tmp_path):
             f"df.groupby('x').mean()\nplt.scatter(df.x, df.x * {i})\nplt.show()\n"
         )
     notebook, text = execute("03_code_model_from_scratch.ipynb", tiny(
-        mesh="2x4", ARCH={}, DATA_PATH=str(code_dir / "*.py"), MAX_FILES=0, OUTPUT_DIR=str(tmp_path / "run")),
-        tmp_path)
+        mesh="2x4", ARCH={}, DATA_PATH=str(code_dir / "*.py"), MAX_FILES=0, VOCAB_SIZE=400,
+        OUTPUT_DIR=str(tmp_path / "run")), tmp_path)
     assert "(100.000%)" in text  # lora.rank 0: every parameter trains
     assert re.search(r"held-out loss \d+\.\d+ nats a token, perplexity \d+\.\d", text)
     for name in ("scatter plot", "DataFrame", "groupby", "RandomForest"):
         assert f"=== {name}\n" in text
-    assert (tmp_path / "run" / "model.weights.h5").is_file()
+    pieces = int(re.search(r"code_tokenizer.model: (\d+) pieces", text)[1])
+    assert pieces <= 400 and re.search(r"held-out code: \d\.\d{3} tokens a byte", text)
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["config"]["vocabulary_size"] == pieces  # the embedding is the trained tokenizer's size
+    assert (tmp_path / "run" / "model" / "assets" / "tokenizer" / "vocabulary.spm").is_file()
 
 
 @pytest.mark.slow

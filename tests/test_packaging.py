@@ -29,10 +29,13 @@ def test_wheel_installs_and_lists_presets_from_another_directory(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.strip()
     Path(fresh_site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
+    # Without PYTHONPATH: a checkout on it (with the egg-info the build leaves there) would
+    # make pip think keras_tune is installed already.
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   env=environment)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = (
         "import keras_tune, keras_tune.config as c, keras_tune.distribution as d;"
         "assert 'site-packages' in keras_tune.__file__, keras_tune.__file__;"

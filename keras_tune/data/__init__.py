@@ -22,13 +22,19 @@ x, y, sample_weight = next(iter(bundle.train))  # token_ids/padding_mask [B, L],
 ```
 """
 
+from collections import Counter
+
 from keras_tune import environment
-from keras_tune.data import chat, code, imdb, mtnt, text
+from keras_tune.data import chat, code, corpus, imdb, mtnt, shards, text
 from keras_tune.data.pipeline import DataBundle, Source, make_bundle
 from keras_tune.data.report import DataReport, SplitReport
 from keras_tune.errors import UserError
 
 RECIPES = {"imdb": imdb, "mtnt": mtnt, "code": code, "text": text, "chat": chat}
+# Recipes of documents, whose corpora may go through token shards on disk (`keras_tune.data.shards`).
+SHARDABLE = ("code", "text")
+# Recipes that read files at --data-path.
+FILE_RECIPES = ("code", "text", "chat")
 
 
 def _recipe(data_config):
@@ -51,7 +57,22 @@ def check_data(data_config):
     Raises:
         UserError: the recipe is unknown, or its input cannot be found.
     """
-    _recipe(data_config).check(data_config)
+    recipe = _recipe(data_config)
+    recipe.check(data_config)
+    if data_config.path and data_config.name in FILE_RECIPES:
+        _check_corpus(data_config, corpus.corpus_files(data_config, recipe.SUFFIXES), data_config.path)
+    if data_config.get("validation_path"):
+        _check_corpus(data_config, corpus.corpus_files(data_config, recipe.SUFFIXES, validation=True),
+                      data_config.validation_path)
+
+
+def _check_corpus(data_config, paths, where):
+    """An empty corpus, or a Parquet/Arrow file that cannot be read, is one line before anything is built."""
+    shardable = data_config.name in SHARDABLE
+    field = "content" if data_config.name == "code" and data_config.text_field == "text" else data_config.text_field
+    corpus.check_readable(paths, field if shardable and _sharded(data_config) else None)
+    if not corpus.has_text(paths):
+        raise UserError(f"--data-path '{where}': its {len(paths)} file(s) hold no text; expected a corpus")
 
 
 def prompt_format(data_config):
@@ -61,6 +82,46 @@ def prompt_format(data_config):
         data_config: the `data` section of the run config.
     """
     return _recipe(data_config).PROMPT_FORMAT
+
+
+def texts(data_config, seed=0, log=print):
+    """A recipe's training and validation texts, untokenized: `(train iterable, validation iterable or None)`.
+
+    Each example's segments are joined (a prompt and its response, a chat's
+    turns): what a tokenizer trained for the recipe will have to cut. Read
+    lazily, an example at a time; a corpus the run would shard (`_sharded`)
+    streams from its files, and its held-out texts fill the validation list as
+    the training texts are read. Either way the held-out texts are the ones the
+    run with the same `seed` validates on.
+
+    Args:
+        data_config: the `data` section of the run config.
+        seed: fixes the validation hold-out, as `make_datasets` does.
+        log: callable for progress lines (None for quiet).
+    """
+    environment.keep_tensorflow_off_accelerators()
+    recipe = _recipe(data_config)
+    if _sharded(data_config):  # streamed: a corpus larger than memory trains too
+        paths = corpus.corpus_files(data_config, recipe.SUFFIXES)
+        validation_paths = corpus.corpus_files(data_config, recipe.SUFFIXES, validation=True) \
+            if data_config.get("validation_path") else []
+        held = []  # filled while the training texts are read
+
+        def train():
+            for document, validation in shards.selected(data_config, paths, validation_paths, seed, Counter()):
+                if validation:
+                    held.append(document)
+                else:
+                    yield document
+
+        return train(), held
+    source = recipe.source(data_config, None, seed=seed, log=log or (lambda line: None))
+
+    def read(dataset):
+        for example in dataset.as_numpy_iterator():
+            yield b"".join(example["segments"]).decode("utf-8", "replace")
+
+    return read(source.train), (read(source.validation) if source.validation is not None else None)
 
 
 def make_datasets(data_config, tokenizer, seed=0, log=print):
@@ -80,8 +141,17 @@ def make_datasets(data_config, tokenizer, seed=0, log=print):
     """
     environment.keep_tensorflow_off_accelerators()  # before any tf.data work
     log = log or (lambda line: None)
+    if _sharded(data_config):
+        return shards.make_sharded_datasets(data_config, tokenizer, _recipe(data_config).SUFFIXES, seed=seed, log=log)
     source = _recipe(data_config).source(data_config, tokenizer, seed=seed, log=log)
     return make_bundle(source, tokenizer, data_config, seed=seed, log=log)
 
 
-__all__ = ["check_data", "make_datasets", "prompt_format", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]
+def _sharded(data_config):
+    """Whether the corpus goes through token shards: a document corpus (code, text) that asks or is large."""
+    if data_config.name not in SHARDABLE or not data_config.path or data_config.get("shards", "auto") == "off":
+        return False
+    return shards.wanted(data_config, corpus.corpus_files(data_config, _recipe(data_config).SUFFIXES))
+
+
+__all__ = ["check_data", "make_datasets", "prompt_format", "texts", "DataBundle", "DataReport", "SplitReport", "Source", "RECIPES"]

@@ -33,7 +33,7 @@ from keras_tune.decoding import USER_TURN as USER
 
 # How a model tuned on this recipe is prompted: in chat turns, or with plain text.
 PROMPT_FORMAT = "chat"
-SUFFIXES = (".jsonl", ".json", ".csv")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 ROLES = {"user": "user", "human": "user", "model": "model", "assistant": "model", "system": "system"}
 
 
@@ -71,7 +71,7 @@ def check(data_config):
 def source(data_config, tokenizer, seed=0, log=print):
     """Returns the `Source` for the conversations at `data_config.path`."""
     seq_len = int(data_config.seq_len)
-    overhead = prompt_overhead(tokenizer)
+    overhead = prompt_overhead(tokenizer) if tokenizer is not None else 0  # None: raw texts, no rows to fit
     if seq_len <= overhead:
         raise UserError(
             f"seq_len {seq_len} is too small for the chat format: its turn markers alone take "
@@ -108,4 +108,5 @@ def source(data_config, tokenizer, seed=0, log=print):
     examples, dropped = read_examples(paths, data_config, "chat", to_example, txt_ok=False)
     log(f"chat: read {len(examples)} conversations from {len(paths)} file(s)")
     read = ReadExamples("chat", "prompt", examples, dropped, f"{len(paths)} file(s) at '{data_config.path}'")
-    return split_source(read, data_config, seed)
+    validation = files.read_validation(data_config, SUFFIXES, "chat", to_example, txt_ok=False)
+    return split_source(read, data_config, seed, validation)

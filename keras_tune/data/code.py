@@ -45,7 +45,7 @@ PROMPT_FORMAT = "plain"
 KEYWORDS = ("pandas", "sklearn", "matplotlib", "seaborn")
 DEFAULT_FILES = 100
 MAX_DEFAULT_FILE_BYTES = 128 * 1024
-SUFFIXES = (".py", ".jsonl", ".json")
+SUFFIXES = (".py", ".jsonl", ".json", ".parquet", ".arrow")
 
 
 def _python_files(roots, exclude=()):
@@ -133,10 +133,19 @@ def default_corpus(data_config, seed, log):
     return documents, dropped, "installed Python sources", notes
 
 
-def user_corpus(data_config, seed, log):
-    """Returns (documents, dropped, description, notes) for the files at `data_config.path`."""
-    paths = files.find_files(data_config.path, SUFFIXES, "code")
-    limit = int(data_config.max_examples)
+def user_corpus(data_config, seed, log, path=None, limit=None):
+    """Returns (documents, dropped, description, notes) for the files at `data_config.path` (or `path`).
+
+    Args:
+        data_config: the `data` config section.
+        seed: shuffles the order the files are read in.
+        log: callable for progress lines.
+        path: another path to read (the validation files).
+        limit: the most documents (default `data.max_examples`; 0 = all).
+    """
+    path = path or data_config.path
+    paths = files.find_files(path, SUFFIXES, "code")
+    limit = int(data_config.max_examples if limit is None else limit)
     field = "content" if data_config.text_field == "text" else data_config.text_field
     sources = [p for p in paths if p.suffix == ".py"]
     records = [p for p in paths if p.suffix != ".py"]
@@ -168,9 +177,9 @@ def user_corpus(data_config, seed, log):
                 raise files.empty_file_error(path, "code")
             dropped["empty file"] += 1
     if not documents:
-        raise UserError(f"--data-path '{data_config.path}': no code in {len(paths)} file(s); expected Python source")
+        raise UserError(f"--data-path '{path}': no code in {len(paths)} file(s); expected Python source")
     log(f"code: {len(documents)} documents from {len(paths)} file(s)")
-    return documents, dropped, f"{len(paths)} file(s) at '{data_config.path}'", []
+    return documents, dropped, f"{len(paths)} file(s) at '{path}'", []
 
 
 def check(data_config):
@@ -184,4 +193,10 @@ def source(data_config, tokenizer, seed=0, log=print):
     corpus = user_corpus if data_config.path else default_corpus
     documents, dropped, where, notes = corpus(data_config, seed, log)
     examples = [([text], [1.0]) for text in documents]
-    return split_source(ReadExamples("code", "text", examples, dropped, where, tuple(notes)), data_config, seed)
+    validation = None
+    if data_config.get("validation_path"):
+        held, held_dropped, held_where, _ = user_corpus(data_config, seed, log, path=data_config.validation_path,
+                                                         limit=data_config.max_validation_examples)
+        validation = ReadExamples("code", "text", [([text], [1.0]) for text in held], held_dropped, held_where)
+    read = ReadExamples("code", "text", examples, dropped, where, tuple(notes))
+    return split_source(read, data_config, seed, validation)

@@ -29,6 +29,8 @@ from keras_tune.data.tokens import examples_dataset
 from keras_tune.errors import UserError
 
 SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".venv", "node_modules"}
+# What Hugging Face `datasets.Dataset.save_to_disk` writes beside its Arrow files.
+DATASETS_METADATA = ("dataset_info.json", "state.json")
 
 
 def find_files(path, suffixes, recipe):
@@ -50,6 +52,8 @@ def find_files(path, suffixes, recipe):
         found = []
         for root, dirs, names in os.walk(path):
             dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+            if any(n.endswith(".arrow") for n in names):  # a datasets.save_to_disk folder: its JSON is metadata
+                names = [n for n in names if n not in DATASETS_METADATA]
             found += [Path(root) / n for n in names if n.endswith(tuple(suffixes)) and not n.startswith(".")]
     else:
         found = [Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p) and p.endswith(tuple(suffixes))]
@@ -77,11 +81,15 @@ def read_text(path):
 
 
 def iter_records(path):
-    """Yields `(where, record)` for each record of a `.jsonl`, `.json` (a list) or `.csv` file.
+    """Yields `(where, record)` for each record of a `.jsonl`, `.json` (a list), `.csv`, `.parquet` or `.arrow` file.
 
-    `where` is `"file:line"`. Blank JSONL lines are skipped.
+    `where` is `"file:line"` (`"file[row]"` for Parquet and the Arrow files of a
+    `datasets.Dataset.save_to_disk` folder). Blank JSONL lines are skipped.
     """
     path = Path(path)
+    if path.suffix in (".parquet", ".arrow"):
+        yield from _table_records(path)
+        return
     text = read_text(path)
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -110,6 +118,32 @@ def iter_records(path):
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}: not JSON ({e.msg}); expected one JSON object a line") from None
             yield _object(record, f"{path}:{number}")
+
+
+def _table_records(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix == ".parquet":
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        else:
+            source = pa.memory_map(str(path))
+            try:
+                reader = pa.ipc.open_stream(source)  # what Hugging Face `datasets` writes
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+            batches = reader if hasattr(reader, "read_next_batch") else (
+                reader.get_batch(i) for i in range(reader.num_record_batches))
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{path}[{row}]", record
+                row += 1
+    except (OSError, pa.ArrowException) as error:
+        raise UserError(f"{path}: not a readable {'Parquet' if path.suffix == '.parquet' else 'Arrow'} file "
+                        f"({str(error).splitlines()[0]}); expected records with named columns") from None
 
 
 def _object(record, where):
@@ -162,7 +196,7 @@ def paragraphs(text):
     return [p for p in _BLANK_LINE.split(text.strip("\n")) if p.strip()]
 
 
-def read_examples(paths, data_config, recipe, to_record_example, txt_ok=True):
+def read_examples(paths, data_config, recipe, to_record_example, txt_ok=True, limit=None):
     """Reads examples from local files until `max_examples` (0 = all).
 
     Args:
@@ -172,11 +206,12 @@ def read_examples(paths, data_config, recipe, to_record_example, txt_ok=True):
         to_record_example: `(record, where) -> (segments, weights) | str` for a
             JSONL/JSON/CSV record; a string is a reason to drop the record.
         txt_ok: whether `.txt` files are documents for this recipe.
+        limit: the most examples to read (default `data.max_examples`; 0 = all).
 
     Returns:
         (examples, dropped): examples as `(segments, weights)`, and reason -> count.
     """
-    limit = int(data_config.max_examples)
+    limit = int(data_config.max_examples) if limit is None else int(limit)
     examples, dropped = [], Counter()
     for path in paths:
         before = len(examples) + sum(dropped.values())
@@ -205,6 +240,24 @@ def read_examples(paths, data_config, recipe, to_record_example, txt_ok=True):
     return examples, dropped
 
 
+def read_validation(data_config, suffixes, recipe, to_record_example, txt_ok=True):  # many: read_examples' own
+    """The examples of `--validation-path` (at most `max_validation_examples`), or None when it is not given.
+
+    Args:
+        data_config: the `data` config section.
+        suffixes: the recipe's file suffixes.
+        recipe: the recipe's name.
+        to_record_example: as for `read_examples`.
+        txt_ok: as for `read_examples`.
+    """
+    if not data_config.get("validation_path"):
+        return None
+    paths = find_files(data_config.validation_path, suffixes, recipe)
+    examples, dropped = read_examples(paths, data_config, recipe, to_record_example, txt_ok,
+                                      limit=int(data_config.max_validation_examples))
+    return ReadExamples(recipe, "", examples, dropped, f"{len(paths)} file(s) at '{data_config.validation_path}'")
+
+
 @dataclasses.dataclass
 class ReadExamples:
     """What a file recipe read, before the validation hold-out.
@@ -226,30 +279,63 @@ class ReadExamples:
     notes: tuple = ()
 
 
-def split_source(read, data_config, seed):
-    """Holds out a seeded validation share of what a recipe read and returns its `Source`.
+def keyword_filtered(read, keywords):
+    """`read` without the examples that mention none of `keywords` (counted as dropped).
+
+    Args:
+        read: a recipe's `ReadExamples`.
+        keywords: words, any of which keeps an example (none: all are kept).
+    """
+    if not keywords:
+        return read
+    kept = [example for example in read.examples if any(word in "".join(example[0]) for word in keywords)]
+    dropped = Counter(read.dropped)
+    if len(kept) < len(read.examples):
+        dropped[f"mentions none of {', '.join(keywords)}"] += len(read.examples) - len(kept)
+    return dataclasses.replace(read, examples=kept, dropped=dropped)
+
+
+def split_source(read, data_config, seed, validation=None):
+    """Holds out a seeded validation share of what a recipe read (or takes `validation`) and returns its `Source`.
+
+    `--filter-keywords` applies to both splits.
 
     Args:
         read: the recipe's `ReadExamples`.
         data_config: the `data` section of the run config (validation share and cap).
         seed: seeds the hold-out.
+        validation: the `ReadExamples` of `--validation-path`, used whole instead of a hold-out.
     """
-    recipe, kind, examples, dropped, where = read.recipe, read.kind, read.examples, read.dropped, read.where
+    keywords = tuple(data_config.get("filter_keywords", ()))
+    read = keyword_filtered(read, keywords)
+    examples, dropped = read.examples, read.dropped
+    if not examples:
+        raise UserError(f"--data-path '{data_config.path}': no example left after --filter-keywords "
+                        f"{','.join(keywords)} (read {sum(dropped.values())}); expected some mentioning one of them")
+    if validation is not None:
+        validation = keyword_filtered(validation, keywords)
+        source = _source(read, data_config, seed, examples, validation.examples)
+        source.validation_source = f"{validation.where}: {len(validation.examples)} examples (--validation-path)"
+        source.validation_dropped = Counter(validation.dropped)
+        return source
     train_index, val_index = hold_out(len(examples), data_config, seed)
-    train = [examples[i] for i in train_index]
-    validation = [examples[i] for i in val_index]
+    return _source(read, data_config, seed, [examples[i] for i in train_index], [examples[i] for i in val_index])
+
+
+def _source(read, data_config, seed, train, validation):
+    where = read.where
     source = Source(
-        recipe=recipe,
-        kind=kind,
+        recipe=read.recipe,
+        kind=read.kind,
         train=examples_dataset(train),
-        train_source=f"{where}: {len(train)} of {len(examples)} examples",
-        train_dropped=Counter(dropped),
+        train_source=f"{where}: {len(train)} of {len(read.examples)} examples",
+        train_dropped=Counter(read.dropped),
         notes=list(read.notes),
     )
     if validation:
         source.validation = examples_dataset(validation)
         source.validation_source = f"{where}: {len(validation)} held-out examples (seed {seed})"
     else:
-        source.notes.append(f"no validation: {len(examples)} example(s) and validation_fraction "
+        source.notes.append(f"no validation: {len(read.examples)} example(s) and validation_fraction "
                             f"{data_config.validation_fraction}")
     return source

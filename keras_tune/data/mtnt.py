@@ -85,7 +85,8 @@ def source(data_config, tokenizer, seed=0, log=print):
     check(data_config)
     pair = data_config.mtnt_pair
     template = data_config.prompt_template
-    check_seq_len(template, tokenizer, int(data_config.seq_len))
+    if tokenizer is not None:  # None: raw texts, no rows to fit
+        check_seq_len(template, tokenizer, int(data_config.seq_len))
     name = f"mtnt/{pair}"
     train, train_where = load_split(name, "train", data_config.data_dir, int(data_config.max_examples))
     val, val_where = load_split(name, "valid", data_config.data_dir, int(data_config.max_validation_examples))

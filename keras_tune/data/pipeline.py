@@ -181,7 +181,7 @@ def make_bundle(source, tokenizer, data_config, seed=0, log=print):
         validation_steps = (report.validation.sequences + filler) // batch_size
         report.validation.batches = validation_steps
 
-    _measure_padding(train, report)
+    measure_padding(train, report)
     return DataBundle(train, validation, report, report.train.batches, validation_steps, stream)
 
 
@@ -244,7 +244,8 @@ def _weigh_key_tokens(train_groups, tokenizer, data_config, report):
         rows.weights *= scale[:, None].astype(np.float32)
 
 
-def _measure_padding(train, report):
+def measure_padding(train, report):
+    """Fills the report's padding and loss shares from the first training batches."""
     positions = padding = loss = 0
     for x, _, weight in train.take(REPORT_BATCHES).as_numpy_iterator():
         positions += x["padding_mask"].size

@@ -27,7 +27,7 @@ from keras_tune.errors import UserError
 
 # How a model tuned on this recipe is prompted: in chat turns, or with plain text.
 PROMPT_FORMAT = "plain"
-SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
+SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 
 def check(data_config):
@@ -71,4 +71,4 @@ def source(data_config, tokenizer, seed=0, log=print):
     kind = mode.get("kind", "text")
     log(f"text: read {len(examples)} examples from {len(paths)} file(s) ({kind})")
     read = ReadExamples("text", kind, examples, dropped, f"{len(paths)} file(s) at '{data_config.path}'")
-    return split_source(read, data_config, seed)
+    return split_source(read, data_config, seed, files.read_validation(data_config, SUFFIXES, "text", to_example))

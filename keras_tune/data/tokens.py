@@ -115,3 +115,25 @@ def tokenize(dataset, tokenizer, log=None, what="examples"):
     if not lengths:
         return Tokenized(np.zeros([0], np.int32), np.zeros([0], np.float32), np.zeros([0], np.int64))
     return Tokenized(np.concatenate(ids), np.concatenate(weights), np.concatenate(lengths).astype(np.int64))
+
+
+def ready_for_tf_data(tokenizer):
+    """Makes sure the tokenizer's SentencePiece op runs inside tf.data, rebuilding it once if it cannot.
+
+    `keras.utils.set_random_seed` (its `tf.random.set_seed`) after the tokenizer
+    was built drops the op's model resource: the tokenizer still works eagerly
+    but not inside tf.data. A stream that cannot be restarted checks first.
+
+    Args:
+        tokenizer: a keras-hub SentencePiece tokenizer.
+    """
+    import tensorflow as tf
+
+    probe = tf.data.Dataset.from_tensors(tf.constant(["a"])).map(tokenizer)
+    try:
+        for _ in probe:
+            pass
+    except tf.errors.NotFoundError as error:
+        if "SentencepieceOp" not in str(error) or not hasattr(tokenizer, "set_proto"):
+            raise
+        tokenizer.set_proto(tokenizer.proto)

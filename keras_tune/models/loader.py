@@ -92,15 +92,18 @@ def load_causal_lm(config):
     precision = config.train.precision
     sequence_length = config.data.seq_len
     if model.source == "tiny":
+        from keras_tune.models.sentencepiece import read_sentencepiece
         from keras_tune.models.tiny import tiny_tokenizer
 
         compat.set_random_seed(config.train.seed)
-        tokenizer = tiny_tokenizer(model.family)
-        arch = dict(model.arch)
+        tokenizer = family.tokenizer(read_sentencepiece(model.tokenizer)) if model.tokenizer else \
+            tiny_tokenizer(model.family)
+        arch = family.backbone_kwargs(config)
         if arch["vocabulary_size"] != tokenizer.vocabulary_size():
             raise UserError(
                 f"preset {config.preset}: model.arch.vocabulary_size {arch['vocabulary_size']} does not match "
-                f"the tiny tokenizer's {tokenizer.vocabulary_size()}"
+                f"the tiny tokenizer's {tokenizer.vocabulary_size()}; expected a tokenizer of that size: "
+                "--set model.tokenizer=PATH (python -m keras_tune.tokenizer train)"
             )
         backbone = backbone_cls(**arch, dtype=precision)
         preprocessor = preprocessor_cls(tokenizer=tokenizer, sequence_length=sequence_length)

@@ -16,17 +16,17 @@ from pathlib import Path
 
 from keras_tune.models import families
 from keras_tune.models.cache import cache_dir
+from keras_tune.models.sentencepiece import CHAT_TOKENS, gemma_settings
 from keras_tune.rundir import atomic_write
 
 TINY_VOCABULARY_SIZE = 1024
-CHAT_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
 def _corpus_text():
     return resources.files("keras_tune.assets").joinpath("tiny_corpus.txt").read_text("utf-8")
 
 
-def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE):
+def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE, user_defined=CHAT_TOKENS):
     """Returns a serialized SentencePiece model trained on the shipped tiny corpus.
 
     The result is cached by a hash of the corpus and settings; a cached file that
@@ -34,31 +34,12 @@ def train_tiny_sentencepiece(vocabulary_size=TINY_VOCABULARY_SIZE):
 
     Args:
         vocabulary_size: number of pieces, including the 256 byte-fallback pieces.
+        user_defined: pieces kept whole (a family's chat turn markers: `Family.tiny_user_symbols`).
     """
     import sentencepiece as spm
 
     corpus = _corpus_text()
-    settings = dict(
-        vocab_size=vocabulary_size,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=list(CHAT_TOKENS),
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        # Gemma's own tokenizer does no normalization: newlines and tabs survive.
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-    )
+    settings = gemma_settings(vocabulary_size, tuple(user_defined))
     key = hashlib.sha256(f"{sorted(settings.items())}\n{corpus}".encode()).hexdigest()[:16]
     path = cache_dir() / "tokenizers" / f"tiny-{key}.model"
     if path.exists():
@@ -90,4 +71,5 @@ def tiny_tokenizer(family):
     Args:
         family: a registered family name, e.g. "gemma3" (`keras_tune.models.families`).
     """
-    return families.get(family).tokenizer(train_tiny_sentencepiece())
+    family = families.get(family)
+    return family.tokenizer(train_tiny_sentencepiece(user_defined=family.tiny_user_symbols()))

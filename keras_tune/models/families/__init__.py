@@ -17,7 +17,7 @@ family = families.of_model(causal_lm)      # the family a built model belongs to
 """
 
 from keras_tune.errors import UserError
-from keras_tune.models.families.base import EXPORT_FORMATS, GENERIC_SOURCES, Family
+from keras_tune.models.families.base import EXPORT_FORMATS, GENERIC_SOURCES, Family, saved_backbone
 from keras_tune.models.families.gemma import Gemma
 from keras_tune.models.families.gemma2 import Gemma2
 from keras_tune.models.families.gemma3 import Gemma3
@@ -87,6 +87,22 @@ def of_model(model):
                     f"({', '.join(_REGISTRY)})")
 
 
+def of_preset_dir(directory):
+    """The family of the model a keras-hub preset directory holds (from its config.json).
+
+    Args:
+        directory: a folder written by `save_to_preset`.
+
+    Raises:
+        UserError: not a preset directory, or no registered family owns its backbone.
+    """
+    class_name, arguments = saved_backbone(directory)
+    for family in reversed(list(_REGISTRY.values())):
+        if family.owns_config(class_name, arguments):
+            return family
+    raise UserError(f"{directory}: a {class_name} is not a model of any supported family ({', '.join(_REGISTRY)})")
+
+
 def for_source(source):
     """The families that load from a `model.source` (e.g. "gguf": those with a GGUF importer).
 
@@ -105,4 +121,5 @@ for _family in (Gemma(), Gemma2(), Gemma3(), RecurrentGemma()):
     register(_family)
 
 __all__ = ["EXPORT_FORMATS", "GENERIC_SOURCES", "Family", "for_source", "get", "lora_targets", "names", "of_model",
+           "of_preset_dir",
            "register", "unregister"]

@@ -31,6 +31,29 @@ EXPORT_FORMATS = {
 }
 
 
+def saved_backbone(directory):
+    """`(class name, constructor arguments)` of the backbone a keras-hub preset directory holds.
+
+    Args:
+        directory: a folder written by `save_to_preset` (config.json, model.weights.h5, ...).
+
+    Raises:
+        UserError: no readable config.json there.
+    """
+    import json
+    import os
+
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as file:
+            saved = json.load(file)
+        arguments = {k: v for k, v in saved["config"].items() if k not in ("name", "trainable", "dtype")}
+        return saved["class_name"], arguments
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{directory}: not a keras-hub preset directory (no readable config.json); expected a folder "
+                        "written by save_to_preset: a full-weight run's model/, or export --keras-preset") from None
+
+
 class Family:
     """A model family: its keras-hub classes, sources, LoRA targets, layouts, exports and planner view.
 
@@ -69,13 +92,32 @@ class Family:
         """
         return type(backbone) is self.classes()[0]
 
+    def owns_config(self, class_name, backbone_config):
+        """Whether a saved backbone (a keras-hub preset directory's config.json) is of this family.
+
+        Args:
+            class_name: the saved backbone's class name.
+            backbone_config: its constructor arguments.
+        """
+        return class_name == self.classes()[0].__name__
+
     def backbone_kwargs(self, config):
-        """The backbone's constructor arguments for `config` (default: `model.arch` as it is).
+        """The backbone's constructor arguments for `config`: `model.arch`, its vocabulary the tokenizer's.
+
+        A model trained from scratch with its own tokenizer (`model.tokenizer`)
+        has as many embedding rows as the tokenizer has pieces.
 
         Args:
             config: a validated run config.
         """
-        return dict(config.model.arch)
+        if config.model.source == "local":  # a keras-hub preset directory says its own architecture
+            return saved_backbone(config.model.handle)[1]
+        kwargs = dict(config.model.arch)
+        if config.model.get("tokenizer"):
+            from keras_tune.models.sentencepiece import vocabulary_size
+
+            kwargs["vocabulary_size"] = vocabulary_size(config.model.tokenizer)
+        return kwargs
 
     def tokenizer(self, proto):
         """The family's keras-hub tokenizer around a serialized SentencePiece model (the tiny presets').
@@ -86,6 +128,10 @@ class Family:
         import keras_hub
 
         return keras_hub.models.GemmaTokenizer(proto=proto)
+
+    def tiny_user_symbols(self):
+        """Pieces the tiny offline tokenizer keeps whole for this family: its chat turn markers (Gemma's by default)."""
+        return ("<start_of_turn>", "<end_of_turn>")
 
     def layout(self, style="tp"):
         """The shipped layout of a style ("tp" or "fsdp"): a name in `layouts/` or a path to a `.json`.

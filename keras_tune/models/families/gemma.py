@@ -36,6 +36,9 @@ class Gemma(Family):
     def owns(self, backbone):
         return type(backbone) is self.classes()[0] and not any(getattr(backbone, f, None) for f in GEMMA2_FEATURES)
 
+    def owns_config(self, class_name, backbone_config):
+        return class_name == self.classes()[0].__name__ and not any(backbone_config.get(f) for f in GEMMA2_FEATURES)
+
     def planner_shapes(self, plan, arch):
         return transformer_shapes(plan, arch)
 

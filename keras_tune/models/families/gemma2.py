@@ -20,6 +20,9 @@ class Gemma2(Gemma):
     def owns(self, backbone):
         return type(backbone) is self.classes()[0] and any(getattr(backbone, f, None) for f in GEMMA2_FEATURES)
 
+    def owns_config(self, class_name, backbone_config):
+        return class_name == self.classes()[0].__name__ and any(backbone_config.get(f) for f in GEMMA2_FEATURES)
+
     def transformers_problem(self, backbone):
         used = [name for name in GEMMA2_FEATURES if getattr(backbone, name, None)]
         return (

@@ -30,6 +30,9 @@ class Gemma3(Gemma):
     def owns(self, backbone):
         return type(backbone) is self.classes()[0]
 
+    def owns_config(self, class_name, backbone_config):
+        return class_name == self.classes()[0].__name__
+
     def tokenizer(self, proto):
         import keras_hub
 
@@ -43,7 +46,7 @@ class Gemma3(Gemma):
             from keras_tune.models.gguf import load
 
             return dict(load.gguf_backbone_kwargs(_gguf_path(config)))
-        return dict(config.model.arch)
+        return super().backbone_kwargs(config)
 
     def check_source(self, config):
         if config.model.source == "gguf":
