@@ -60,6 +60,7 @@ _EXPORTS = {
     "make_sampler": "keras_tune.decoding",
     "chat_prompt": "keras_tune.decoding",
     "merge_and_export": "keras_tune.models.exports.keras_preset",
+    "merge_models": "keras_tune.merging",
     "export_transformers": "keras_tune.models.exports.transformers",
     "save_peft_adapter": "keras_tune.peft",
     "load_peft_adapter": "keras_tune.peft",

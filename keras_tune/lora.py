@@ -219,3 +219,22 @@ def merge_lora(model):
         compat.base_kernel(layer).assign(merged)
         layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, layer.lora_kernel_b.dtype))
     return model
+
+
+def write_adapter_file(path, metadata, arrays):
+    """Writes an adapter file from a record and arrays (what `read_adapter` returns), atomically.
+
+    For adapters made without a model, such as `keras_tune.merging`'s
+    concatenation of several adapters; `load_adapter` checks the record as usual.
+
+    Args:
+        path: destination `.npz` file.
+        metadata: the record (`format`, `preset`, `rank`, `alpha`, `targets`, `variables`).
+        arrays: `{variable path: array}`, the `lora_kernel_a`/`lora_kernel_b` of each layer.
+    """
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"adapter record format {metadata.get('format')!r}; expected {ADAPTER_FORMAT!r}")
+    contents = {key: np.asarray(value) for key, value in arrays.items()}
+    contents[_METADATA_KEY] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    with atomic_write(path, suffix=".npz") as partial:
+        np.savez(partial, **contents)

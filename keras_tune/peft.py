@@ -416,3 +416,111 @@ def load_peft_adapter(causal_lm, directory):
         layers[key].lora_kernel_a.assign(lora_a)
         layers[key].lora_kernel_b.assign(lora_b)
     return config
+
+
+# ---------------------------------------------------------------------------
+# An adapter's updates without a model (what `keras_tune.merging` adds to full weights)
+
+# Both layouts `_prefix` names (text-only causal LMs, Gemma 3's multimodal model); modules under self_attn or mlp,
+# or directly under the layer (Gemma 4's per-layer inputs).
+_ANY_TEXT_LAYER = re.compile(
+    r"^base_model\.model\.(model\.(?:language_model\.)?layers\.(\d+)\.(?:(?:self_attn|mlp)\.)?(\w+))\.lora_([AB])\.weight$"
+)
+
+
+def read_peft_updates(directory):
+    """A PEFT LoRA adapter's weight updates, read without a model.
+
+    Unlike `load_peft_adapter`, every update PEFT can hold is read, including
+    q/k/v updates Keras' per-head LoRA cannot express: a merge adds them to full
+    weights (`keras_update_factors` puts them in the Keras kernel's layout).
+
+    Args:
+        directory: a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+
+    Returns:
+        `(config, updates)`: the adapter config and `{(block, Keras layer name):
+        (lora_A [r, in], lora_B [out, r], scale)}`; the HF module's `[out, in]`
+        weight changes by `scale * lora_B @ lora_A` (PEFT's `lora_alpha / r`,
+        `rank_pattern`, `alpha_pattern` and `use_rslora` applied).
+
+    Raises:
+        UserError: an unreadable adapter, settings a plain LoRA update cannot
+            honour (bias, DoRA, fan_in_fan_out, modules_to_save), an unknown
+            tensor name, or a rank that differs from the config's.
+    """
+    config, arrays = read_peft_adapter(directory)
+    for key, allowed in (("bias", ("none", None)), ("fan_in_fan_out", (False, None)), ("use_dora", (False, None))):
+        if config.get(key) not in allowed:
+            raise UserError(f"PEFT adapter {directory}: {key} {config.get(key)!r}; expected {allowed[0]!r}")
+    if config.get("modules_to_save"):
+        raise UserError(f"PEFT adapter {directory}: modules_to_save {config['modules_to_save']}; expected none")
+    if not isinstance(config.get("r"), int) or config["r"] <= 0:
+        raise UserError(f"PEFT adapter {directory}: r {config.get('r')!r}; expected a positive integer")
+    pairs = {}
+    for key, value in arrays.items():
+        match = _ANY_TEXT_LAYER.match(key)
+        if not match or match.group(3) not in _KERAS_NAME:
+            raise UserError(
+                f"PEFT adapter {directory}: tensor {key}; "
+                "expected base_model.model.model.layers.<i>.self_attn|mlp.<q,k,v,o,gate,up,down>_proj.lora_A|B.weight"
+            )
+        module, block, short, side = match.groups()
+        pairs.setdefault((int(block), _KERAS_NAME[short], module), {})[side] = np.asarray(value, "float32")
+    if not pairs:
+        raise UserError(f"PEFT adapter {directory}: no LoRA tensors; expected lora_A and lora_B weights")
+    updates = {}
+    for (block, name, module), pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            raise UserError(f"PEFT adapter {directory}: {module} lacks lora_A or lora_B; expected both")
+        rank = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha") or config["r"]))
+        if pair["A"].shape[0] != rank or pair["B"].shape[1] != rank:
+            raise UserError(
+                f"PEFT adapter {directory}: {module} lora_A {list(pair['A'].shape)}, lora_B {list(pair['B'].shape)}; "
+                f"expected rank {rank} as adapter_config.json says"
+            )
+        scale = alpha / (np.sqrt(rank) if config.get("use_rslora") else rank)
+        updates[(block, name)] = (pair["A"], pair["B"], float(scale))
+    return config, updates
+
+
+def keras_update_factors(peft_a, peft_b, layout, kernel_shape, name="module"):
+    """Factors `(a, b)` whose `numpy.matmul(a, b)` is `lora_B @ lora_A` in the Keras kernel's layout.
+
+    The low-rank product is never formed: the factors are reshaped the way
+    keras-hub's Transformers importers reshape a full HF weight
+    (`convert_gemma.py`, `convert_gemma3.py`). For "heads_in" both factors
+    have a leading heads axis (`a` a broadcast view), so `matmul` pairs them
+    head by head.
+
+    Args:
+        peft_a: `lora_A.weight`, [r, in].
+        peft_b: `lora_B.weight`, [out, r].
+        layout: "heads_in", "heads_out" or "dense" (see `HF_MODULES`).
+        kernel_shape: the Keras kernel's shape.
+        name: the module, for error messages.
+
+    Raises:
+        UserError: shapes that do not fit the kernel.
+    """
+    peft_a, peft_b = np.asarray(peft_a, "float32"), np.asarray(peft_b, "float32")
+    rank = peft_a.shape[0]
+    if layout == "dense":
+        expected_a, expected_b = (rank, kernel_shape[0]), (kernel_shape[1], rank)
+    elif layout == "heads_out":
+        expected_a, expected_b = (rank, kernel_shape[0] * kernel_shape[1]), (kernel_shape[2], rank)
+    else:
+        expected_a, expected_b = (rank, kernel_shape[1]), (kernel_shape[0] * kernel_shape[2], rank)
+    if peft_a.shape != expected_a or peft_b.shape != expected_b:
+        raise UserError(
+            f"PEFT adapter {name}: lora_A {list(peft_a.shape)}, lora_B {list(peft_b.shape)}; "
+            f"expected {list(expected_a)} and {list(expected_b)} for a Keras kernel of shape {list(kernel_shape)}"
+        )
+    if layout == "dense":
+        return peft_a.T, peft_b.T
+    if layout == "heads_out":
+        return peft_a.T.reshape(kernel_shape[0], kernel_shape[1], rank), peft_b.T
+    heads, hidden, head_dim = kernel_shape
+    return (np.broadcast_to(peft_a.T, (heads, hidden, rank)),
+            peft_b.reshape(heads, head_dim, rank).transpose(0, 2, 1))
