@@ -263,6 +263,27 @@ def run_in_turns(script, jobs, devices, timeout, log_dir, turn_steps, settle_s=0
     return results
 
 
+def measure_command(command, log_path, env, timeout=1800):
+    """Runs `command` from the repository root, its output to `log_path`.
+
+    Returns:
+        `(exit code, peak RSS bytes of that process (wait4's ru_maxrss), wall seconds)`;
+        a command past `timeout` seconds is killed.
+    """
+    started = time.time()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                process.kill()
+            time.sleep(0.05)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, time.time() - started
+
+
 def short_error(text, limit=200):
     """The most telling line of a child's error (the last one naming an Error), cut to `limit`."""
     parts = [p.strip() for p in str(text).split(" | ")]

@@ -30,12 +30,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import measure_command as measure  # noqa: E402
 from benchmarks.common import table  # noqa: E402
 
 
@@ -45,23 +45,6 @@ def _env(extra_path=None):
     paths = [str(REPO)] + ([extra_path] if extra_path else []) + [env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
-
-
-def measure(command, log_path, env, timeout=1800):
-    """Runs `command`; returns (exit code, peak RSS bytes of that process, wall seconds)."""
-    started = time.time()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-        deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > deadline:
-                process.kill()
-            time.sleep(0.05)
-    code = os.waitstatus_to_exitcode(status)
-    return code, usage.ru_maxrss * 1024, time.time() - started
 
 
 # ---------------------------------------------------------------------------
