@@ -105,6 +105,7 @@ def test_bad_tokenizer_inputs_are_one_line_exit_2_before_any_model(tmp_path, cap
     empty.mkdir()
     (empty / "a.py").write_text("\n")
     code = write_python(tmp_path / "code", count=4)
+    (tmp_path / "bad.parquet").write_text("not parquet")
     other = tmp_path / "other.model"
     other.write_bytes(b"\x00\x01 not a sentencepiece model")
     cases = [
@@ -116,6 +117,10 @@ def test_bad_tokenizer_inputs_are_one_line_exit_2_before_any_model(tmp_path, cap
                     str(tmp_path / "run")], "not a SentencePiece model"),
         (fit.main, ["--preset", "gemma3_tiny", "--set", f"model.tokenizer={tmp_path / 'missing.model'}"],
          "no such file"),
+        (fit.main, ["--preset", "gemma3_tiny", "--data", "text", "--data-path", str(tmp_path / "bad.parquet"),
+                    "--output-dir", str(tmp_path / "run")], "not a readable Parquet file"),
+        (fit.main, ["--preset", "gemma3_tiny", "--data", "code", "--data-path", str(empty),
+                    "--output-dir", str(tmp_path / "run")], "hold no text"),
     ]
     for main, argv, fragment in cases:
         assert main(argv) == 2, argv
