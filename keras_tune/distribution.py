@@ -87,17 +87,22 @@ def _multi_process_request(dist):
 
 
 # JAX's own heartbeat timeout: how long its coordination service waits before it aborts every
-# process for a silent one. Kept above keras_tune's step timeout, so the watchdog's one line comes first.
+# process for a silent one. Kept above keras_tune's step and slow-phase timeouts, so the watchdog's
+# one line comes first even when a peer stops during a compile, a checkpoint or an evaluation.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
 
-def heartbeat_timeout(step_timeout):
+def heartbeat_timeout(step_timeout, compile_timeout=0):
     """JAX's heartbeat timeout for a run whose steps may take `step_timeout` seconds.
 
     Args:
         step_timeout: `train.step_timeout` (0: the watchdog is off).
+        compile_timeout: `train.compile_timeout`, what a slow phase (a first step, a
+            checkpoint, an evaluation's start) may take while the watchdog waits.
     """
-    return max(DEFAULT_HEARTBEAT_TIMEOUT_S, int(step_timeout) + 60) if step_timeout else DEFAULT_HEARTBEAT_TIMEOUT_S
+    if not step_timeout:
+        return DEFAULT_HEARTBEAT_TIMEOUT_S
+    return max(DEFAULT_HEARTBEAT_TIMEOUT_S, int(max(step_timeout, compile_timeout)) + 60)
 
 
 def start_processes(config):
@@ -144,7 +149,8 @@ def start_processes(config):
     watchdog.daemon = True
     watchdog.start()
     try:
-        compat.initialize_processes(coordinator, count, index, heartbeat_timeout(config.train.step_timeout))
+        heartbeat_s = heartbeat_timeout(config.train.step_timeout, config.train.compile_timeout)
+        compat.initialize_processes(coordinator, count, index, heartbeat_s)
     finally:
         watchdog.cancel()
     return jax.process_count() > 1
