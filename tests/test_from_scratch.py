@@ -71,9 +71,19 @@ def test_a_tokenizer_trained_on_the_corpus_then_a_model_from_scratch_every_tool_
     perplexity = float(table.strip().splitlines()[-1].split()[-1])
     assert perplexity < processor_size(model_file) / 5  # far better than a uniform guess over the vocabulary
 
-    hf = tmp_path / "hf"
-    assert export.main(["--init-from", str(model_dir), "--transformers", str(hf)]) == 0
+    hf, gguf_file = tmp_path / "hf", tmp_path / "model.gguf"
+    assert export.main(["--init-from", str(model_dir), "--transformers", str(hf), "--gguf", str(gguf_file),
+                        "--gguf-dtype", "f32"]) == 0
+    capsys.readouterr()
     _same_logits_in_transformers(model_dir, hf, sample.read_text()[:200])
+    # The GGUF carries the trained tokenizer (llama.cpp's reader sees its pieces) and scores as the model does.
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_file))
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == processor_size(model_file)
+    assert evaluate.main(["--weights", str(gguf_file), "--seq-len", "64", str(sample)]) == 0
+    from_gguf = float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1])
+    assert abs(from_gguf - perplexity) <= 1e-3 * perplexity, (from_gguf, perplexity)
 
 
 def processor_size(path):
