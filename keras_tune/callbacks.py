@@ -12,6 +12,8 @@ the ones before it wrote into the same `logs` dict):
   sample is written from a diverged model).
 - `Throughput`: step time, tokens/s (all positions and non-pad ones) and an MFU
   estimate; shown in the progress bar and logged.
+- `TaskScores`: at each evaluation, a task's scores (`--eval-task translation`:
+  chrF and BLEU of greedy translations) added to the evaluation's logs.
 - `MetricsLog`: one `metrics.csv` row a step (validation columns filled where an
   evaluation ran) and the same numbers as TensorBoard scalars, written as the run goes.
 - `Samples`: generations for `--sample-prompt` before training, every
@@ -255,6 +257,47 @@ class Throughput(keras.callbacks.Callback):
             logs.update(rates)
 
 
+def _mean(values):
+    """The mean of the numbers among `values` (None when there are none)."""
+    numbers = [float(value) for value in values if value is not None]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def metrics_header(columns=(), scores=()):
+    """The header of a run's `metrics.csv`: `rundir.metrics_columns(columns)`, then `val_<score>` for each task score.
+
+    Args:
+        columns: an objective's own columns (`keras_tune.objectives.Objective.columns`).
+        scores: a task's scores, which only evaluations have (e.g. ("chrf", "bleu")).
+    """
+    return rundir.metrics_columns(columns) + tuple(f"val_{name}" for name in scores)
+
+
+class TaskScores(keras.callbacks.Callback):
+    """Scores the run's task at each evaluation and adds the figures to that epoch's logs as `val_<name>`.
+
+    It runs after Keras has validated (an epoch end whose logs hold `val_loss`)
+    and before `MetricsLog` writes the row, which takes the figures from the logs.
+
+    Args:
+        progress: the shared `Progress`.
+        score: `(model, step) -> {name: value}`; it gets the model `fit` holds
+            (reading `self.model` syncs the trained weights into the CausalLM's
+            variables) and the optimizer update the evaluation describes.
+    """
+
+    def __init__(self, progress, score):
+        super().__init__()
+        self.progress = progress
+        self.score = score
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or "val_loss" not in logs or self.progress.diverged:
+            return
+        scores = self.score(self.model, self.progress.update)
+        logs.update({f"val_{name}": value for name, value in scores.items()})
+
+
 def learning_rate_at(rate):
     """A `step -> float` reading of a learning rate: a number, or a schedule called with the step."""
     if callable(rate):
@@ -277,18 +320,27 @@ class MetricsLog(keras.callbacks.Callback):
     drops the orphaned steps itself when a resumed run writes a lower step.
     Tokens/s and MFU come from `Throughput`.
 
+    An objective's own columns (`columns`, e.g. DPO's reward margin) come from its
+    per-batch `step_<column>` metrics (`keras_tune.objectives.metrics`) and, at
+    evaluations, `val_<column>`. A task's scores (`scores`, e.g. chrF) exist only at
+    evaluations: `val_<score>` from the logs `TaskScores` filled.
+
     Args:
         progress: the shared `Progress`.
         output_dir: the run directory.
         learning_rate: `update -> learning rate` (see `learning_rate_at`), or None.
         every_seconds: the longest time between writes while training (0: epoch ends only).
+        columns: an objective's own columns (`keras_tune.objectives.Objective.columns`).
+        scores: a task's scores (`TaskScores`), e.g. ("chrf", "bleu").
     """
 
-    def __init__(self, progress, output_dir, learning_rate=None, every_seconds=0.0):
+    def __init__(self, progress, output_dir, learning_rate=None, every_seconds=0.0, columns=(), scores=()):
         super().__init__()
         self.progress = progress
         self.learning_rate = learning_rate
         self.every_seconds = float(every_seconds)
+        self.columns = tuple(columns)
+        self.scores = tuple(scores)
         self.path = os.path.join(output_dir, "metrics.csv")
         self.tensorboard_dir = os.path.join(output_dir, "tensorboard")
         self._rows = []
@@ -302,9 +354,10 @@ class MetricsLog(keras.callbacks.Callback):
         self._written_at = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
-        logs, progress = logs or {}, self.progress
+        logs, progress = logs if logs is not None else {}, self.progress
+        own = {column: logs.pop(f"step_{column}", None) for column in self.columns}  # not for the progress bar
         self._batches.append((progress.step_loss, logs.get("step_time"), logs.get("tokens_per_sec"),
-                              logs.get("non_pad_tokens_per_sec"), logs.get("mfu")))
+                              logs.get("non_pad_tokens_per_sec"), logs.get("mfu"), own))
         if not progress.at_update:  # with accumulation: a row when the update is made
             return
         self._rows.append(self._update_row(progress.update))
@@ -315,7 +368,7 @@ class MetricsLog(keras.callbacks.Callback):
     def _update_row(self, update):
         """The row of one optimizer update, from its batches: mean loss, summed time, tokens over time."""
         batches, self._batches = self._batches, []
-        losses, times, tokens, non_pad, mfu = zip(*batches)
+        losses, times, tokens, non_pad, mfu, own = zip(*batches)
         seconds = sum(t for t in times if t is not None) if all(t is not None for t in times) else None
 
         def rate(values):  # tokens/s of the update: its tokens over its time
@@ -331,13 +384,19 @@ class MetricsLog(keras.callbacks.Callback):
             "tokens_per_s": rate(tokens),
             "non_pad_tokens_per_s": rate(non_pad),
             "mfu": rate(mfu),
+            **{column: _mean([values[column] for values in own]) for column in self.columns},
         }
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        logs = logs if logs is not None else {}
+        for column in self.columns:  # a batch's figures: meaningless for an epoch
+            logs.pop(f"step_{column}", None)
+            logs.pop(f"val_step_{column}", None)
         if self._rows and "val_loss" in logs:
             for key, column in _VALIDATION_KEYS.items():
                 self._rows[-1][column] = logs.get(key)
+            for column in self.columns + self.scores:
+                self._rows[-1][f"val_{column}"] = logs.get(f"val_{column}")
         self.flush()
 
     def flush(self, hold_last=False):
@@ -351,7 +410,7 @@ class MetricsLog(keras.callbacks.Callback):
         self._written_at = time.monotonic()
         if not rows or not rundir.is_primary():
             return
-        rundir.append_rows(self.path, rows)
+        rundir.append_rows(self.path, rows, columns=metrics_header(self.columns, self.scores))
         if self._scalars is not None:
             for row in rows:
                 self._scalars.write(row["step"], {
@@ -362,6 +421,8 @@ class MetricsLog(keras.callbacks.Callback):
                     "throughput/non_pad_tokens_per_s": row.get("non_pad_tokens_per_s"),
                     "throughput/mfu": row.get("mfu"),
                     **rundir.validation_scalars(row),
+                    **{f"train/{column}": row.get(column) for column in self.columns},
+                    **{f"validation/{column}": row.get(f"val_{column}") for column in self.columns + self.scores},
                 })
             self._scalars.flush()
 

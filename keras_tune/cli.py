@@ -63,18 +63,19 @@ def add_flags(parser, flags):
             parser.add_argument(flag, dest=field, type=kind, default=None, help=text, metavar=field.split(".")[-1].upper())
 
 
-def tool_parser(prog, description, flags=()):
+def tool_parser(prog, description, flags=(), without=()):
     """A tool's parser with the shared model flags, its own `flags`, and `--set`.
 
     Args:
         prog: e.g. "python -m keras_tune.generate".
         description: one line for `--help`.
         flags: the tool's own config-field flags (rows like `FIT_FLAGS`).
+        without: shared model flags the tool defines its own way (serve's repeatable `--adapter NAME=PATH`).
     """
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--preset", help=f"preset name (default {config_lib.DEFAULT_PRESET}; see fit --list-presets)")
     parser.add_argument("--config", help="a copied and edited presets/*.py file to use instead of --preset")
-    add_flags(parser, MODEL_FLAGS + tuple(flags))
+    add_flags(parser, tuple(row for row in MODEL_FLAGS if row[0] not in without) + tuple(flags))
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any config field, e.g. --set optimizer.beta_2=0.95")
     return parser

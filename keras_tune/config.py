@@ -37,7 +37,15 @@ SAMPLE_FORMATS = ("", "chat", "plain")
 LOSSES = ("sparse", "full")
 QUANTIZATIONS = ("", "int8", "int4")
 KEPT_ACTIVATIONS = ("matmuls", "all")
-_MESH_PATTERN = re.compile(r"^(auto|\d+x\d+)$")
+# What a run trains for (`keras_tune.objectives`): next-token SFT, distillation from a
+# teacher, preference tuning (DPO against the LoRA-off network, reference-free ORPO).
+OBJECTIVES = ("sft", "distill", "dpo", "orpo")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# A task scored at each evaluation during a run (`--eval-task`; "" = none), and the
+# recipes whose held-out split holds its (prompt, reference) pairs.
+EVAL_TASKS = ("", "translation")
+EVAL_TASK_RECIPES = {"translation": ("mtnt", "text")}
+_MESH_PATTERN = re.compile(r"^(auto|\d+x\d+(x\d+)?)$")  # BxM, or BxMxE with an experts axis
 
 
 def base_config():  # long: the whole schema, one field a line, is easiest read in one place
@@ -134,6 +142,10 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # "auto" (on above 64 MB of input files; keras_tune.data.shards).
                 "shards": "auto",
                 "key_token_alpha": 0.0,
+                # Preference records (--objective dpo/orpo): the preferred and the
+                # dispreferred response to the prompt (`prompt_field`).
+                "chosen_field": "chosen",
+                "rejected_field": "rejected",
                 "shuffle_buffer": 10000,
                 # Packed rows: False masks attention to each document (segment
                 # ids); True lets every token see the documents before it.
@@ -162,6 +174,11 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # After SIGTERM, seconds the run has to finish its step and write
                 # a checkpoint before it stops without one (a second SIGTERM: at once).
                 "sigterm_grace": 30.0,
+                # A task scored at each evaluation ("translation": greedy translations
+                # of the first `eval_task_examples` held-out pairs, sacrebleu's chrF and
+                # BLEU in metrics.csv; the translations in translations.jsonl).
+                "eval_task": "",
+                "eval_task_examples": 32,
                 "sample_prompts": (),
                 # How --sample-prompt is sent: "chat" (the model's turn format),
                 # "plain", or "" = as the data recipe trains (chat for the chat recipe).
@@ -181,6 +198,10 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # recomputation, gradient); fewer, larger chunks cost less time.
                 "loss": "sparse",
                 "loss_chunk_tokens": 1024,
+                # What the run trains for: "sft" (next-token loss), "distill" (a
+                # teacher's distributions, the `distill` section), "dpo" or "orpo"
+                # (preference pairs, the `preference` section); keras_tune.objectives.
+                "objective": "sft",
                 # Frozen base weights stored as "int8" or "int4" (QLoRA-style);
                 # "" keeps them in the training precision.
                 "quantize": "",
@@ -196,6 +217,34 @@ def base_config():  # long: the whole schema, one field a line, is easiest read 
                 # Memory of one device for the planner, e.g. "16GiB" ("" = from
                 # the device table or the device itself).
                 "device_memory": "",
+            },
+            # --objective distill: the teacher and how its distributions are matched.
+            "distill": {
+                # A preset name, a copied preset .py file or a keras-hub preset directory
+                # (a full-weight run's model/), with the student's tokenizer.
+                "teacher": "",
+                "teacher_weights": "",
+                "teacher_adapter": "",
+                # The teacher's frozen base stored as "int8" ("" = the run's precision).
+                "teacher_quantize": "",
+                # forward_kl KL(teacher || student), reverse_kl KL(student || teacher),
+                # or jsd: the generalized Jensen-Shannon divergence of weight jsd_beta.
+                "divergence": "forward_kl",
+                "jsd_beta": 0.5,
+                # Both distributions are softmax(logits / temperature).
+                "temperature": 1.0,
+                # loss = w * next-token NLL + (1 - w) * divergence, at the loss positions.
+                "hard_label_weight": 0.5,
+                # GKD's lambda: the share of batches whose responses the student samples
+                # itself (the teacher scores them); 0 = the data's responses only.
+                "on_policy_fraction": 0.0,
+                "on_policy_temperature": 1.0,
+            },
+            # --objective dpo / orpo on {"prompt", "chosen", "rejected"} records.
+            "preference": {
+                # DPO's beta (the strength of the KL tie to the LoRA-off reference);
+                # ORPO's lambda (the weight of its odds-ratio term).
+                "beta": 0.1,
             },
             "run": {
                 "dry_run": False,
@@ -345,11 +394,12 @@ def validate(config):
                "(python -m keras_tune.tokenizer train)")
     _check(
         isinstance(dist.mesh, str) and bool(_MESH_PATTERN.match(dist.mesh)),
-        f"--mesh '{dist.mesh}' is not of the form BxM (e.g. 1x8, 2x4) or 'auto'",
+        f"--mesh '{dist.mesh}' is not of the form BxM (e.g. 1x8, 2x4), BxMxE (e.g. 1x2x4, experts last) or 'auto'",
     )
     if dist.mesh != "auto":
-        batch, model_axis = (int(n) for n in dist.mesh.split("x"))
-        _check(batch > 0 and model_axis > 0, f"--mesh {dist.mesh}: both axes must be at least 1, e.g. 1x8")
+        axes = [int(n) for n in dist.mesh.split("x")]
+        _check(min(axes) > 0, f"--mesh {dist.mesh}: {'both axes' if len(axes) == 2 else 'every axis'} must be at "
+                              "least 1, e.g. 1x8")
     _check(dist.simulate_devices >= 0, f"--simulate-devices {dist.simulate_devices}: expected 0 (off) or a positive count")
     _check(lora.rank >= 0, f"--lora-rank {lora.rank}: expected 0 (full fine-tuning) or a positive rank such as 4")
     unknown = [t for t in lora.targets if t not in family.lora_targets]
@@ -358,6 +408,8 @@ def validate(config):
     _check(len(lora.targets) > 0 or lora.rank == 0, "--lora-targets is empty; expected e.g. query,value")
     _check(lora.alpha >= 0, f"lora.alpha {lora.alpha}: expected >= 0 (0 means alpha = rank)")
     _validate_training(lora, opt, data, train)
+    _validate_objective(config)
+    _validate_eval_task(train, data)
     _check(dist.num_processes >= 0, f"--num-processes {dist.num_processes}: expected a positive count (0 = auto)")
     _check(dist.process_id >= -1, f"--process-id {dist.process_id}: expected 0 .. num_processes - 1")
     if dist.num_processes and dist.process_id >= 0:
@@ -430,6 +482,77 @@ def _validate_training(lora, opt, data, train):
         train.quantize == "" or lora.rank > 0,
         f"--quantize {train.quantize} freezes the base weights; expected --lora-rank > 0 to train adapters on top",
     )
+
+
+def _validate_eval_task(train, data):
+    """The checks of `--eval-task`: a known task, on a recipe whose held-out split holds its pairs."""
+    task = train.eval_task
+    _check(task in EVAL_TASKS, f"--eval-task '{task}'; expected translation (or nothing for none)")
+    if not task:
+        return
+    recipes = EVAL_TASK_RECIPES[task]
+    _check(data.name in recipes, f"--eval-task {task} scores the held-out (prompt, reference) pairs of --data "
+                                 f"{' or '.join(recipes)}; got --data {data.name}")
+    _check(train.objective in ("sft", "distill"), f"--eval-task {task} needs (prompt, reference) pairs; --objective "
+                                                  f"{train.objective} reads preference records")
+    _check(data.name != "text" or data.validation_fraction > 0,
+           f"--eval-task {task} with --data text translates the held-out share; data.validation_fraction is "
+           f"{data.validation_fraction}, expected above 0")
+    _check(train.eval_task_examples >= 1,
+           f"--eval-task-examples {train.eval_task_examples}: expected at least 1 held-out pair")
+
+
+def _validate_objective(config):
+    """The checks of `train.objective` and its `distill` / `preference` sections (no file is read)."""
+    train, distill, preference, data = config.train, config.distill, config.preference, config.data
+    objective = train.objective
+    _check(objective in OBJECTIVES, f"--objective '{objective}'; expected one of {', '.join(OBJECTIVES)}")
+    if objective == "distill":
+        _check(bool(distill.teacher), "--objective distill needs --teacher PRESET; expected the preset of the model "
+                                      "to learn from (it must share the student's tokenizer)")
+        if os.path.isdir(distill.teacher):
+            _check(os.path.isfile(os.path.join(distill.teacher, "config.json")),
+                   f"--teacher {distill.teacher}: a directory without config.json; expected a keras-hub preset "
+                   "directory (a full-weight run's model/)")
+        elif not distill.teacher.endswith(".py"):
+            _check(distill.teacher in list_presets(), f"--teacher '{distill.teacher}': unknown preset; expected one of "
+                                                      "--list-presets, a copied preset .py file or a preset directory")
+        else:
+            _check(os.path.isfile(distill.teacher), f"--teacher {distill.teacher}: no such file; expected a preset "
+                                                    "name or a copied presets/*.py file")
+    else:
+        for field in ("teacher", "teacher_weights", "teacher_adapter"):
+            _check(not distill[field], f"--{field.replace('_', '-')} {distill[field]}: only --objective distill "
+                                       f"uses a teacher; got --objective {objective}")
+    for field, what in (("teacher_weights", "a .gguf file"), ("teacher_adapter", "an adapter .npz")):
+        _check(not distill[field] or os.path.isfile(distill[field]),
+               f"--{field.replace('_', '-')} {distill[field]}: no such file; expected {what}")
+    _check(distill.divergence in DIVERGENCES, f"--divergence '{distill.divergence}'; expected one of "
+                                              f"{', '.join(DIVERGENCES)}")
+    _check(0.0 < distill.jsd_beta < 1.0, f"distill.jsd_beta {distill.jsd_beta}: expected strictly between 0 and 1")
+    _check(distill.temperature > 0, f"--temperature {distill.temperature}: expected a positive number such as 1.0")
+    _check(0.0 <= distill.hard_label_weight <= 1.0,
+           f"--hard-label-weight {distill.hard_label_weight}: expected a weight in [0, 1]")
+    _check(0.0 <= distill.on_policy_fraction <= 1.0,
+           f"--on-policy-fraction {distill.on_policy_fraction}: expected a share of batches in [0, 1]")
+    _check(distill.on_policy_temperature > 0,
+           f"distill.on_policy_temperature {distill.on_policy_temperature}: expected a positive number")
+    _check(distill.teacher_quantize in ("", "int8"),
+           f"--teacher-quantize '{distill.teacher_quantize}'; expected int8 or nothing")
+    if objective == "distill" and distill.on_policy_fraction > 0:
+        _check(data.batching in ("bucket", "pad"), f"--on-policy-fraction {distill.on_policy_fraction} samples a "
+                                                   f"response after each row's prompt; expected --batching bucket "
+                                                   f"or pad (one example a row), got {data.batching}")
+    _check(preference.beta > 0, f"--beta {preference.beta}: expected a positive number such as 0.1")
+    if objective in ("dpo", "orpo"):
+        _check(data.name in ("text", "chat"), f"--objective {objective} reads preference records "
+                                              f"(prompt, chosen, rejected); expected --data text or chat, "
+                                              f"got --data {data.name}")
+        _check(data.batching != "pack", f"--batching pack: --objective {objective} keeps a pair's two rows apart; "
+                                        "expected --batching auto, bucket or pad")
+    if objective == "dpo":
+        _check(config.lora.rank > 0, "--objective dpo takes its reference model from the network with LoRA off; "
+                                     "expected --lora-rank > 0 (full fine-tuning would need a second copy of the base)")
 
 
 def _given_settings_win(config, overrides):

@@ -1,4 +1,4 @@
-"""Decoding: Gemma's chat turn format, samplers, and `generate_texts` (library code).
+"""Decoding: the chat turn formats (Gemma's, Gemma 4's), samplers, and `generate_texts` (library code).
 
 Library code shared by the `generate` tool, the samples `fit` writes during
 training, and the `chat` data recipe (which renders training conversations in
@@ -13,6 +13,8 @@ texts = decoding.generate_texts(causal_lm, causal_lm.preprocessor, ["def fib(n):
 ```
 """
 
+import dataclasses
+
 from keras_tune.errors import UserError
 
 # Gemma's turn markers. A conversation renders as
@@ -21,30 +23,98 @@ USER_TURN, MODEL_TURN, END_OF_TURN = "<start_of_turn>user\n", "<start_of_turn>mo
 SAMPLERS = ("greedy", "top_k", "top_p")
 
 
-def chat_prompt(prompt):
-    """Wraps a user prompt in Gemma's chat turn format, ending where the model's turn starts.
+@dataclasses.dataclass(frozen=True)
+class TurnFormat:
+    """A chat turn format: the markers that open a user, model (and system) turn and close any turn.
+
+    Attributes:
+        user, model: what opens a user or model turn.
+        end: what closes a turn.
+        system: what opens a system turn; "" when the format has none (system
+            text then leads the next user turn, separated by a blank line).
+        end_token: the piece that ends a model turn (a stop token).
+    """
+
+    user: str
+    model: str
+    end: str
+    system: str
+    end_token: str
+
+
+GEMMA_TURNS = TurnFormat(USER_TURN, MODEL_TURN, END_OF_TURN, "", "<end_of_turn>")
+# Gemma 4's: <|turn>user\n{text}<turn|>\n<|turn>model\n{text}<turn|>\n, with a system turn of its own.
+GEMMA4_TURNS = TurnFormat("<|turn>user\n", "<|turn>model\n", "<turn|>\n", "<|turn>system\n", "<turn|>")
+GEMMA4_TURN_OPEN = "<|turn>"
+
+
+def _single_piece(tokenizer, piece):
+    """Whether `piece` is one token of the tokenizer's vocabulary (keras-hub maps unknown pieces to `<unk>`)."""
+    try:
+        return tokenizer.id_to_token(int(tokenizer.token_to_id(piece))) == piece
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return False
+
+
+def turn_format(tokenizer=None):
+    """The turn format a tokenizer speaks: Gemma 4's when `<|turn>` is one piece of its vocabulary, else Gemma's.
+
+    Args:
+        tokenizer: a keras-hub tokenizer (None: Gemma's format).
+    """
+    if tokenizer is not None and _single_piece(tokenizer, GEMMA4_TURN_OPEN):
+        return GEMMA4_TURNS
+    return GEMMA_TURNS
+
+
+def chat_prompt(prompt, tokenizer=None):
+    """Wraps a user prompt in the chat turn format, ending where the model's turn starts.
 
     Args:
         prompt: the user's text.
+        tokenizer: the model's tokenizer, whose vocabulary says the format (`turn_format`; None: Gemma's).
     """
-    return USER_TURN + prompt + END_OF_TURN + MODEL_TURN
+    turns = turn_format(tokenizer)
+    return turns.user + prompt + turns.end + turns.model
+
+
+def conversation_prompt(turns, tokenizer=None):
+    """A whole conversation in the chat turn format, ending where the model's next turn starts.
+
+    Gemma has no system turn: system text leads the next user turn, separated by
+    a blank line, as Gemma's chat template (and the `chat` data recipe) put it;
+    Gemma 4 has one.
+
+    Args:
+        turns: `(role, text)` pairs, role "system", "user" or "model"; the last is the user's.
+        tokenizer: the model's tokenizer, whose vocabulary says the format (`turn_format`; None: Gemma's).
+    """
+    markers = turn_format(tokenizer)
+    parts, system = [], []
+    for role, text in turns:
+        if role == "system" and markers.system:
+            parts.append(markers.system + text + markers.end)
+        elif role == "system":
+            system.append(text)
+        elif role == "user":
+            parts.append(markers.user + "\n\n".join(system + [text]) + markers.end)
+            system = []
+        else:
+            parts.append(markers.model + text + markers.end)
+    return "".join(parts) + markers.model
 
 
 def stop_token_ids(tokenizer, chat):
-    """`<eos>`, plus `<end_of_turn>` for chat prompts when the vocabulary has it.
+    """`<eos>`, plus the end-of-turn piece for chat prompts (`<end_of_turn>`, Gemma 4's `<turn|>`) when the vocabulary has it.
 
     Args:
         tokenizer: a keras-hub Gemma tokenizer.
         chat: whether prompts are in the chat format.
     """
     ids = [int(tokenizer.end_token_id)]
-    if chat:
-        try:
-            turn = tokenizer.token_to_id("<end_of_turn>")
-        except (KeyError, ValueError):
-            turn = None
-        if turn is not None and int(turn) not in ids:
-            ids.append(int(turn))
+    end = turn_format(tokenizer).end_token
+    if chat and _single_piece(tokenizer, end) and int(tokenizer.token_to_id(end)) not in ids:
+        ids.append(int(tokenizer.token_to_id(end)))
     return tuple(ids)
 
 
@@ -59,9 +129,9 @@ def generate_texts(causal_lm, preprocessor, prompts, max_length, chat=False):
         preprocessor: its CausalLM preprocessor.
         prompts: strings.
         max_length: prompt plus generated tokens, at most.
-        chat: wrap each prompt in the Gemma chat turn format and stop at `<end_of_turn>`.
+        chat: wrap each prompt in the model's chat turn format and stop at its end-of-turn piece.
     """
-    inputs = [chat_prompt(p) if chat else p for p in prompts]
+    inputs = [chat_prompt(p, preprocessor.tokenizer) if chat else p for p in prompts]
     # The batch is split over the mesh's batch axis: pad it to a multiple with copies, drop them after.
     multiple = _batch_axis_size()
     inputs += inputs[-1:] * (-len(inputs) % multiple)

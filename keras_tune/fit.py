@@ -32,7 +32,8 @@ from keras_tune.errors import UserError
 FIT_FLAGS = (
     ("--lora-rank", "lora.rank", int, "LoRA rank; 0 = full fine-tuning"),
     ("--lora-targets", "lora.targets", str, "comma list of layers: query,key,value,attention_output,ffw_gating,ffw_gating_2,ffw_linear; "
-     "RecurrentGemma's recurrent blocks also linear_x,linear_y,linear_out"),
+     "RecurrentGemma's recurrent blocks also linear_x,linear_y,linear_out; Gemma 4's per-layer inputs and experts "
+     "also per_layer_input_gate,per_layer_up_proj,per_layer_model_projection,moe_expert_bank"),
     ("--lora-alpha", "lora.alpha", float, "LoRA alpha (update scaled by alpha/rank); 0 = rank"),
     ("--data", "data.name", str, "recipe: imdb, mtnt, code, text, chat"),
     ("--data-path", "data.path", str, "your files: directory, glob, .txt, .jsonl, .csv"),
@@ -65,6 +66,10 @@ FIT_FLAGS = (
     ("--step-timeout", "train.step_timeout", float, "seconds a step may make no progress before the run stops with exit 5 "
      "(a dead or hung peer; slow phases get train.compile_timeout); 0 = never"),
     ("--resume", "train.resume", bool, "continue from the newest checkpoint of --output-dir (default: the newest runs/<preset>-*)"),
+    ("--eval-task", "train.eval_task", str, "score a task at each evaluation: translation (greedy translations of "
+     "held-out --data mtnt/text pairs; sacrebleu's chrF and BLEU in metrics.csv, translations.jsonl)"),
+    ("--eval-task-examples", "train.eval_task_examples", int, "held-out pairs --eval-task translates at each "
+     "evaluation (the first N)"),
     ("--sample-prompt", "train.sample_prompts", list, "prompt to generate from before/after training and every --sample-every steps (repeatable)"),
     ("--sample-every", "train.sample_every", int, "generate samples every N optimizer updates (0 = before and after only)"),
     ("--sample-max-length", "train.sample_max_length", int, "prompt + generated tokens of a sample"),
@@ -75,6 +80,18 @@ FIT_FLAGS = (
     ("--remat", "train.remat", bool, "recompute each decoder block in the backward pass (less memory, ~1/3 more compute)"),
     ("--keep-activations", "train.keep_activations", str, "what a Gemma block keeps for the backward pass: all "
      "(the default) or matmuls (their outputs; the rest is recomputed: less memory, a few percent more time)"),
+    ("--objective", "train.objective", str, "what to train for: sft (next-token loss), distill (a --teacher's "
+     "distributions), dpo or orpo (preference pairs: prompt, chosen, rejected); docs/objectives.md"),
+    ("--teacher", "distill.teacher", str, "distill: the teacher's preset (same tokenizer as the student)"),
+    ("--teacher-weights", "distill.teacher_weights", str, "distill: a Gemma 3 .gguf file for the teacher's weights"),
+    ("--teacher-adapter", "distill.teacher_adapter", str, "distill: a LoRA adapter .npz applied to the teacher"),
+    ("--teacher-quantize", "distill.teacher_quantize", str, "distill: store the frozen teacher as int8"),
+    ("--divergence", "distill.divergence", str, "distill: forward_kl, reverse_kl or jsd (generalized, distill.jsd_beta)"),
+    ("--temperature", "distill.temperature", float, "distill: both distributions are softmax(logits / T)"),
+    ("--hard-label-weight", "distill.hard_label_weight", float, "distill: loss = w * next-token NLL + (1 - w) * divergence"),
+    ("--on-policy-fraction", "distill.on_policy_fraction", float, "distill: share of batches whose responses the "
+     "student samples and the teacher scores (GKD's lambda; needs --batching bucket or pad)"),
+    ("--beta", "preference.beta", float, "dpo: beta (the tie to the LoRA-off reference); orpo: the odds-ratio term's weight"),
     ("--device-memory", "train.device_memory", str, "memory of one device for the --dry-run planner, e.g. 16GiB or 80GB (default: the device's own figure or the device table)"),
     ("--coordinator", "distribution.coordinator", str, "multi-process: HOST:PORT of process 0"),
     ("--num-processes", "distribution.num_processes", int, "multi-process: how many processes (hosts) take part"),

@@ -467,6 +467,8 @@ class SparseLossModel(keras.Model):
 
         backbone = self.causal_lm.backbone
         hidden = backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}, training=training)
+        # A backbone's own per-step figures (Gemma 4's expert load), from the call just made.
+        statistics = getattr(backbone, "step_statistics", lambda: None)()
         positions = inputs["loss_positions"]
         embedding = backbone.token_embedding
         head = TiedHead(embedding) if TiedHead.supports(embedding) else (lambda s: embedding(s, reverse=True))
@@ -488,11 +490,29 @@ class SparseLossModel(keras.Model):
 
         operands = (hidden, positions, inputs["targets"])
         if len(levels) == 1:
-            return at_capacity(levels[0])(*operands)
+            return with_statistics(at_capacity(levels[0])(*operands), statistics)
         # One compiled step for every capacity ("branched" batches): the batch's
         # fullest row picks a branch at run time.
         level = jnp.sum(jnp.asarray(levels) < jnp.max(counts))
-        return jax.lax.switch(level, [at_capacity(c) for c in levels], *operands)
+        return with_statistics(jax.lax.switch(level, [at_capacity(c) for c in levels], *operands), statistics)
+
+
+def with_statistics(per_position, statistics):
+    """`SparseLossModel`'s output with a backbone's per-step statistics as channels 2, 3, ... at every position.
+
+    Its metrics (`backbone.statistics_metrics(2)`) read them back; the loss and
+    accuracy read channels 0 and 1 as before.
+
+    Args:
+        per_position: `[batch, length, 2]` NLL and correctness.
+        statistics: a float32 vector of the step's statistics, or None.
+    """
+    if statistics is None:
+        return per_position
+    import jax.numpy as jnp
+
+    extra = jnp.broadcast_to(statistics.astype(jnp.float32), per_position.shape[:2] + statistics.shape)
+    return jnp.concatenate([per_position, extra], axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="keras_tune")
@@ -577,7 +597,8 @@ def compile_training(causal_lm, train_config, optimizer):
                 NllPerplexity(name="perplexity"),
                 StepLoss(),
             ],
-            metrics=counts,
+            # A backbone with per-step statistics (Gemma 4's expert load) reports them too.
+            metrics=counts + list(getattr(causal_lm.backbone, "statistics_metrics", lambda channel: [])(2)),
         )
     else:
         trainer = causal_lm

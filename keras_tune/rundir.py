@@ -139,24 +139,42 @@ def _format(value):
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _write_rows(file, rows, header):
+def _write_rows(file, rows, header, columns=CSV_COLUMNS):
     writer = csv.writer(file)
     if header:
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
     for row in rows:
-        writer.writerow([_format(row.get(column)) for column in CSV_COLUMNS])
+        writer.writerow([_format(row.get(column)) for column in columns])
 
 
-def append_rows(path, rows):
-    """Appends `rows` (dicts keyed by `CSV_COLUMNS`) to a metrics CSV, writing the header first if needed.
+def metrics_columns(extra=()):
+    """The columns of a run's `metrics.csv`: `CSV_COLUMNS`, then an objective's own and their `val_` ones.
+
+    Args:
+        extra: an objective's per-step columns (`keras_tune.objectives`), e.g. ("divergence",).
+    """
+    return CSV_COLUMNS + tuple(extra) + tuple(f"val_{column}" for column in extra)
+
+
+def _header(path):
+    """The columns of an existing metrics CSV (None when it has none yet)."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    with open(path, newline="") as file:
+        return tuple(next(csv.reader(file), ())) or None
+
+
+def append_rows(path, rows, columns=CSV_COLUMNS):
+    """Appends `rows` to a metrics CSV, writing the header first if needed.
 
     Args:
         path: the CSV file.
         rows: dicts; missing columns are left empty.
+        columns: the header of a new file (`metrics_columns`); an existing file keeps its own.
     """
-    fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+    existing = _header(path)
     with open(path, "a", newline="") as file:
-        _write_rows(file, rows, header=fresh)
+        _write_rows(file, rows, header=existing is None, columns=existing or tuple(columns))
         file.flush()
         os.fsync(file.fileno())
 
@@ -188,9 +206,10 @@ def truncate_rows(path, last_step):
     if len(kept) == len(rows):
         return
     kept = [{k: (int(v) if k == "step" else v) for k, v in row.items()} for row in kept]
+    columns = _header(path) or CSV_COLUMNS  # an objective's columns stay
     with atomic_write(path) as partial:
         with open(partial, "w", newline="") as file:
-            _write_rows(file, kept, header=True)
+            _write_rows(file, kept, header=True, columns=columns)
 
 
 # ---------------------------------------------------------------------------
@@ -300,19 +319,20 @@ def validation_scalars(row):
     }
 
 
-def log_evaluation(output_dir, step, results):
+def log_evaluation(output_dir, step, results, columns=()):
     """Writes an evaluation outside `fit` (the one before training) as a metrics row and scalars.
 
     Args:
         output_dir: the run directory.
         step: the step it describes.
         results: keras `evaluate(..., return_dict=True)` output.
+        columns: an objective's own columns (`metrics_columns`), logged as `val_<column>`.
     """
     row = {"step": step, "val_loss": results.get("loss"), "val_perplexity": results.get("perplexity"),
-           "val_accuracy": results.get("accuracy")}
-    append_rows(os.path.join(output_dir, "metrics.csv"), [row])
+           "val_accuracy": results.get("accuracy"), **{f"val_{c}": results.get(c) for c in columns}}
+    append_rows(os.path.join(output_dir, "metrics.csv"), [row], columns=metrics_columns(columns))
     scalars = ScalarWriter(os.path.join(output_dir, "tensorboard"))
-    scalars.write(step, validation_scalars(row))
+    scalars.write(step, {**validation_scalars(row), **{f"validation/{c}": row[f"val_{c}"] for c in columns}})
     scalars.close()
 
 
@@ -325,8 +345,27 @@ def _moving_mean(values, window):
             for i in range(len(values))]
 
 
+def _plot_series(axes, train, validation):
+    """One panel: a training series per step (and smoothed) and its validation points."""
+    if train:
+        steps, values = zip(*train)
+        window = max(1, len(values) // 20)
+        axes.plot(steps, values, color="tab:blue", alpha=0.3 if window > 1 else 0.9, linewidth=1, label="train (per step)")
+        if window > 1:
+            axes.plot(steps, _moving_mean(values, window), color="tab:blue", linewidth=2, label=f"train (mean of {window})")
+    if validation:
+        steps, values = zip(*validation)
+        axes.plot(steps, values, "o-", color="tab:orange", linewidth=2, label="validation")
+    axes.grid(alpha=0.3)
+    if train or validation:
+        axes.legend()
+
+
 def plot_losses(csv_path, png_path, title=""):
     """Draws training (per step, and smoothed) and validation loss from `metrics.csv` into a PNG.
+
+    An objective's own columns (`metrics_columns`) get a panel each under the loss, and so does
+    each task score an evaluation adds (`val_chrf`, `val_bleu` with `--eval-task`).
 
     Args:
         csv_path: the run's `metrics.csv`.
@@ -346,21 +385,28 @@ def plot_losses(csv_path, png_path, title=""):
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        steps, losses = zip(*train)
-        window = max(1, len(losses) // 20)
-        axes.plot(steps, losses, color="tab:blue", alpha=0.3 if window > 1 else 0.9, linewidth=1, label="train (per step)")
-        if window > 1:
-            axes.plot(steps, _moving_mean(losses, window), color="tab:blue", linewidth=2, label=f"train (mean of {window})")
-    if validation:
-        steps, losses = zip(*validation)
-        axes.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (mean next-token NLL, nats)")
+    # An objective's own columns (keras_tune.objectives: divergence, reward margin, ...): a panel each below.
+    header = rows[0] if rows else {}
+    extra = [column for column in header if column not in CSV_COLUMNS
+             and not column.startswith("val_") and any(row.get(column) is not None for row in rows)]
+    # A task's scores (--eval-task: val_chrf, val_bleu) exist only at evaluations: a panel each, points only.
+    scores = [column for column in header if column.startswith("val_") and column not in CSV_COLUMNS
+              and column[4:] not in header and any(row.get(column) is not None for row in rows)]
+    count = 1 + len(extra) + len(scores)
+    figure, panels = pyplot.subplots(count, 1, figsize=(7, 4 + 2.2 * (count - 1)), dpi=100, sharex=True,
+                                     squeeze=False)
+    axes = panels[0, 0]
+    _plot_series(axes, train, validation)
+    axes.set_ylabel("loss (mean next-token NLL, nats)" if not extra else "loss")
     axes.set_title(title or "loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    for panel, column in zip(panels[1:, 0], extra):
+        _plot_series(panel, [(row["step"], row[column]) for row in rows if row.get(column) is not None],
+                     [(row["step"], row[f"val_{column}"]) for row in rows if row.get(f"val_{column}") is not None])
+        panel.set_ylabel(column.replace("_", " "))
+    for panel, column in zip(panels[1 + len(extra):, 0], scores):
+        _plot_series(panel, [], [(row["step"], row[column]) for row in rows if row.get(column) is not None])
+        panel.set_ylabel(column[4:])
+    panels[-1, 0].set_xlabel("step")
     figure.tight_layout()
     with atomic_write(png_path, suffix=".png") as partial:
         figure.savefig(partial)

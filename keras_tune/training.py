@@ -17,8 +17,9 @@ print(result.output_dir, result.validation)
 
 A run directory holds `config.json`, `metrics.csv`, `tensorboard/`,
 `samples.txt`, `loss.png`, `checkpoints/` (Orbax) and `adapter.npz` (or, with
-`--lora-rank 0`, the whole model as a keras-hub preset directory `model/`); see
-`keras_tune.rundir`. Running again
+`--lora-rank 0`, the whole model as a keras-hub preset directory `model/`), and with
+`--eval-task translation` `translations.jsonl` (chrF and BLEU join the evaluations'
+rows); see `keras_tune.rundir`. Running again
 into a directory that holds checkpoints continues from the newest good one:
 the same final weights and metrics as a run that was never interrupted.
 Failures are `keras_tune.errors`' kinds (a `UserError` before anything is
@@ -61,6 +62,8 @@ class RunState:
         history: keras' history dict.
         watchdog: the run's `keras_tune.watchdog.Watchdog` while the loop runs (`guarded`).
         guard: its `SigtermGuard`.
+        objective: what the run trains for (`keras_tune.objectives`; `objective_of` makes it).
+        task_scores: `(model, step) -> {score: value}` of `--eval-task` (`setup_task`), or None.
     """
 
     config: object
@@ -80,6 +83,8 @@ class RunState:
     history: dict = dataclasses.field(default_factory=dict)
     watchdog: object = None
     guard: object = None
+    objective: object = None
+    task_scores: object = None
 
 
 @dataclasses.dataclass
@@ -125,12 +130,26 @@ def run(config, devices=None, callbacks=()):
         return RunResult(output_dir="", plan=state.plan, trainable=state.planned)
     check_source(config)
     check_data(config.data)  # a wrong --data-path costs no model load and leaves no run directory
+    objective_of(state).check()  # its own inputs too (a teacher's vocabulary, preference pairs)
     state.store = CheckpointStore(state.output_dir, keep=config.train.keep_checkpoints)
     try:
         prepare_run_dir(state)
         return train(state)
     finally:
         state.store.close()
+
+
+def objective_of(state):
+    """The run's objective (`keras_tune.objectives`), made once from its config.
+
+    Args:
+        state: the run's `RunState`.
+    """
+    if state.objective is None:
+        from keras_tune import objectives
+
+        state.objective = objectives.get(state.config)
+    return state.objective
 
 
 def train(state):
@@ -141,6 +160,7 @@ def train(state):
     """
     build(state)
     setup_data(state)
+    setup_task(state)
     compile_model(state)
     resume(state)
     restart_logs(state)
@@ -184,13 +204,14 @@ def plan_run(state, devices=None):
     state.planned = trainable_report(abstract)
     print(f"preset {config.preset}: {format_report(state.planned)}")
     print(f"mesh {plan.mesh.shape} over {len(plan.mesh.devices.flatten())} devices, layout {plan.layout.name}")
+    objective_of(state).plan(plan)  # a teacher on the same mesh, say
     if config.run.show_sharding or config.run.dry_run:
         print(plan.table())
     if config.run.dry_run:
         memory = plan.memory(optimizer_slots(config.optimizer))
         print(
-            "per device: base weights {frozen}, trainable weights {trainable}, optimizer state {optimizer} "
-            "(of which replicated {replicated})".format(**{k: format_bytes(v) for k, v in memory.items()})
+            "per device: base weights {frozen}, trainable weights {trainable}, optimizer state {optimizer}; "
+            "weights held whole on every device {replicated}".format(**{k: format_bytes(v) for k, v in memory.items()})
         )
         if covers(families.get(config.model.family)):  # else the sharding figures above are the plan
             print(format_memory_report(plan_memory(config, plan)))
@@ -242,10 +263,26 @@ def restart_logs(state):
     last = state.initial_step // _batches_per_update(state.config) if state.initial_step else -1
     rundir.truncate_rows(os.path.join(state.output_dir, "metrics.csv"), last)
     rundir.truncate_samples(os.path.join(state.output_dir, "samples.txt"), last)
+    _truncate_translations(os.path.join(state.output_dir, "translations.jsonl"), last)
     if not state.initial_step:  # a fresh start: no events from an attempt that saved no checkpoint
         import shutil
 
         shutil.rmtree(os.path.join(state.output_dir, "tensorboard"), ignore_errors=True)
+        # Nor its metrics.csv header: this attempt's columns (objective, --eval-task) may differ.
+        metrics = os.path.join(state.output_dir, "metrics.csv")
+        if os.path.exists(metrics) and not rundir.read_rows(metrics):
+            os.remove(metrics)
+
+
+def _truncate_translations(path, last_step):
+    """Drops the `translations.jsonl` lines of evaluations after `last_step` (a killed run's; they are made again)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        rundir.write_text(path, "".join(line + "\n" for line in kept))
 
 
 @contextlib.contextmanager
@@ -312,6 +349,7 @@ def build(state):
     release_freed_memory()
     state.causal_lm, state.trainable = built.causal_lm, trainable_report(built.causal_lm)
     print(f"model built in {built.seconds:.1f}s: {format_report(state.trainable)}")
+    objective_of(state).build(state.causal_lm, state.plan)  # a distillation's teacher, on the same mesh
 
 
 def setup_data(state):
@@ -322,14 +360,59 @@ def setup_data(state):
     Args:
         state: the run's `RunState` with its model (its `data` and `total_steps` are set here).
     """
-    from keras_tune.data import make_datasets
-    from keras_tune.losses import with_loss_positions_for
-
-    config = state.config
-    state.data = make_datasets(config.data, state.causal_lm.preprocessor.tokenizer, seed=config.train.seed)
+    config, objective = state.config, objective_of(state)
+    state.data = objective.datasets(state.causal_lm.preprocessor.tokenizer, config.train.seed)
     print(state.data.report.summary())
-    with_loss_positions_for(state.data, config.train)  # train, validation and the training stream alike
+    objective.prepare(state.data)  # the loss positions: train, validation and the training stream alike
     state.total_steps = run_length(config, state.data.steps_per_epoch)
+
+
+# The scores each `--eval-task` adds to an evaluation (metrics.csv's `val_<score>` columns).
+TASK_SCORES = {"": (), "translation": ("chrf", "bleu")}
+
+
+def setup_task(state):
+    """The scorer of `--eval-task translation`: greedy translations of the first held-out pairs, chrF and BLEU.
+
+    At each evaluation it translates the first `train.eval_task_examples` pairs
+    of the recipe's held-out split (prompt + translation at most `--seq-len`
+    tokens), appends them to `translations.jsonl` (one `{"step", "prompt",
+    "reference", "hypothesis"}` a line) and returns sacrebleu's corpus chrF and
+    BLEU of exactly those hypotheses (`keras_tune.translation`).
+
+    Args:
+        state: the run's `RunState` with its model and data (its `task_scores` is set here).
+    """
+    config = state.config
+    if not config.train.eval_task:
+        return
+    from keras_tune.translation import translation_examples, translation_scores
+
+    causal_lm = state.causal_lm
+    preprocessor = causal_lm.preprocessor  # kept: fit detaches it from the model while it runs
+    examples, where = translation_examples(config.data, preprocessor.tokenizer, seed=config.train.seed)
+    examples = examples[: config.train.eval_task_examples]
+    print(f"--eval-task translation: {len(examples)} held-out pairs ({where}) translated greedily at each evaluation")
+    path = os.path.join(state.output_dir, "translations.jsonl")
+
+    def score(model, step):
+        # `model` is what fit holds: the caller read it, which synced its weights into `causal_lm`.
+        scores = translation_scores(causal_lm, examples, config.data.seq_len, batch_size=min(8, len(examples)),
+                                    preprocessor=preprocessor)
+        if rundir.is_primary():
+            rundir.append_text(path, "".join(
+                json.dumps({"step": step, "prompt": prompt, "reference": reference, "hypothesis": hypothesis},
+                           ensure_ascii=False) + "\n"
+                for (prompt, reference), hypothesis in zip(examples, scores["hypotheses"])))
+        return {name: scores[name] for name in TASK_SCORES["translation"]}
+
+    state.task_scores = score
+
+
+def _describe_scores(results, names):
+    """`chrF 41.20, BLEU 12.03`: a task's scores in a results dict, in words."""
+    labels = {"chrf": "chrF", "bleu": "BLEU"}
+    return ", ".join(f"{labels.get(name, name)} {results[name]:.2f}" for name in names if name in results)
 
 
 def _batches_per_update(config):
@@ -369,11 +452,10 @@ def compile_model(state):
     Args:
         state: the run's `RunState` with its model and length (its `trainer` is set here).
     """
-    from keras_tune.losses import compile_training
     from keras_tune.optim import build_optimizer
 
     optimizer = build_optimizer(state.config.optimizer, state.total_steps)
-    state.trainer = compile_training(state.causal_lm, state.config.train, optimizer)
+    state.trainer = objective_of(state).compile(state.causal_lm, optimizer)
 
 
 def _flatten(tree, prefix=""):
@@ -479,9 +561,19 @@ def evaluate_before(state):
     with detached_preprocessor(state.trainer):
         before = state.trainer.evaluate(data.validation, steps=validation_steps(state), verbose=0,
                                         return_dict=True, callbacks=heartbeat)
+    objective, scores = objective_of(state), TASK_SCORES[state.config.train.eval_task]
+    if state.task_scores is not None:
+        before.update(state.task_scores(state.trainer, 0))
     if rundir.is_primary():
-        rundir.log_evaluation(state.output_dir, 0, before)
-    print(f"validation before training: loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
+        if scores:  # the header first: the task's columns are no objective's
+            from keras_tune.callbacks import metrics_header
+
+            rundir.append_rows(os.path.join(state.output_dir, "metrics.csv"), [],
+                               columns=metrics_header(objective.columns, scores))
+        rundir.log_evaluation(state.output_dir, 0, before, columns=tuple(objective.columns) + scores)
+    print(f"validation before training: {objective.describe(before)}")
+    if scores:
+        print(f"{state.config.train.eval_task} before training: {_describe_scores(before, scores)}")
     return before
 
 
@@ -591,9 +683,12 @@ def training_callbacks(state):
     rate_at = cb.learning_rate_at(learning_rate_schedule(config.optimizer, state.total_steps))
     throughput = cb.Throughput(per_token, peak)
     metrics_log = cb.MetricsLog(progress, state.output_dir, learning_rate=rate_at,
-                                every_seconds=config.train.log_every_seconds)
+                                every_seconds=config.train.log_every_seconds, columns=objective_of(state).columns,
+                                scores=TASK_SCORES[config.train.eval_task])
     loss_scaled = config.train.precision == "mixed_float16"
     callbacks = [cb.CommittedState(), cb.StepTracker(progress, loss_scaled=loss_scaled), throughput, metrics_log]
+    if state.task_scores is not None:  # before MetricsLog: it writes the figures this adds to the logs
+        callbacks.insert(callbacks.index(metrics_log), cb.TaskScores(progress, state.task_scores))
     if state.watchdog is not None:
         callbacks.insert(0, cb.Heartbeat(state.watchdog, progress))
     samples = _samples(state)
@@ -681,7 +776,12 @@ def finish(state):
     if "val_loss" in state.history:
         history = state.history
         validation = {"loss": history["val_loss"][-1], "perplexity": history.get("val_perplexity", [math.nan])[-1]}
-        print(f"validation after training: loss {validation['loss']:.4f}, perplexity {validation['perplexity']:.2f}")
+        scores = TASK_SCORES[config.train.eval_task]
+        validation.update({key[4:]: values[-1] for key, values in history.items()
+                           if key.startswith("val_") and key[4:] in (*objective_of(state).columns, *scores)})
+        print(f"validation after training: {objective_of(state).describe(validation)}")
+        if scores:
+            print(f"{config.train.eval_task} after training: {_describe_scores(validation, scores)}")
     if rundir.is_primary():
         write_weights(state)
     print(f"run directory: {output_dir}")

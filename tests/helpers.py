@@ -480,3 +480,217 @@ def q8_0(name, array):
     if array.ndim < 2:
         return array, None
     return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+
+
+# --------------------------------------------------------------------------
+# Serving: adapters, a server in a thread, waiting
+
+
+def random_adapter(preset, path, seed, rank=4, targets=("query", "value")):
+    """Writes an adapter of `preset` whose LoRA weights are random (as after training); returns its path.
+
+    Args:
+        preset: the base preset (a tiny one).
+        path: the .npz to write.
+        seed: the weights' random seed.
+        rank: the LoRA rank.
+        targets: the adapted layers.
+    """
+    from keras_tune import config as config_lib
+    from keras_tune.lora import apply_lora, save_adapter
+    from keras_tune.models.loader import load_causal_lm
+
+    causal_lm = load_causal_lm(config_lib.load_config(preset))
+    apply_lora(causal_lm, rank, tuple(targets))
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(causal_lm):
+        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+            variable.assign(rng.normal(0, 0.5, size=variable.shape).astype("float32"))
+    save_adapter(causal_lm, str(path), preset=preset)
+    return str(path)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_in_thread(app, port, timeout_s=60):
+    """Runs an ASGI app with uvicorn on 127.0.0.1:`port` in a thread; returns a function that stops it.
+
+    Args:
+        app: the application.
+        port: a free port.
+        timeout_s: the most seconds to wait for it to listen (and, when stopping, to end).
+    """
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: server.started, timeout_s), "the server did not start"
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout_s)
+        assert not thread.is_alive(), "the server did not stop"
+
+    return stop
+
+
+def wait_until(predicate, timeout_s, interval_s=0.05):
+    """Polls `predicate` until it is true or `timeout_s` pass; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------
+# Gemma 4: the tiny models, keras-hub's twin of one, one training step
+
+
+def gemma4_causal_lm(preset, seed=0, overrides=None):
+    """A tiny Gemma 4 preset's CausalLM (keras_tune's loader) with its norm and router scales set at random.
+
+    Scales of exactly 1 would hide a norm applied as `1 + scale` or a scale left out.
+
+    Returns:
+        (config, causal_lm).
+    """
+    from keras_tune import config as config_lib
+    from keras_tune.models.loader import load_causal_lm
+
+    config = config_lib.load_config(preset, overrides=overrides or {})
+    causal_lm = load_causal_lm(config)
+    rng = np.random.default_rng(seed)
+    for variable in causal_lm.backbone.weights:
+        if variable.path.endswith("scale") and variable.trainable:
+            variable.assign((1.0 + rng.normal(0.0, 0.2, size=variable.shape)).astype("float32"))
+    return config, causal_lm
+
+
+def kerashub_gemma4_twin(causal_lm):
+    """keras-hub's own `Gemma4CausalLM` with the architecture and weights of a keras_tune Gemma 4 (its preprocessor shared)."""
+    import keras_hub
+
+    backbone = causal_lm.backbone
+    config = backbone.get_config()
+    arguments = {k: v for k, v in config.items() if k not in ("name", "trainable", "dtype", "router_aux_loss_weight")}
+    twin = keras_hub.models.Gemma4Backbone(**arguments, dtype="float32")
+    values = {variable.path: variable for variable in backbone.weights}
+    for variable in twin.weights:
+        variable.assign(np.asarray(values[variable.path]))
+    return keras_hub.models.Gemma4CausalLM(backbone=twin, preprocessor=causal_lm.preprocessor)
+
+
+def kerashub_gemma4_logits(twin, token_ids, padding_mask):
+    """keras-hub's Gemma 4 logits (it takes the positions as an input: 0, 1, ... a row)."""
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(token_ids.shape[1], dtype="int32"), token_ids.shape))
+    return jitted_logits(twin, {"token_ids": token_ids, "padding_mask": padding_mask, "position_ids": positions})
+
+
+def sgd_step(preset, mesh, devices, targets, learning_rate=0.1):
+    """One SGD step of LoRA (rank 4, `targets`, seed 7) on a fixed batch with a prompt, on `mesh`.
+
+    SGD's update is the gradient times the rate, so two meshes' updates agree
+    to the gradients' rounding (Adam's first step divides near-zero gradients by
+    themselves).
+
+    Returns:
+        (loss, {path: LoRA weight after}).
+    """
+    import keras
+
+    overrides = {"distribution.mesh": mesh, "train.seed": 7, "lora.targets": tuple(targets)}
+    config, _, causal_lm = lora_model_under_plan(preset, overrides, devices)
+    causal_lm.compile(optimizer=keras.optimizers.SGD(learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    batch, length = config.data.batch_size, config.data.seq_len
+    tokens = rng.integers(4, 1000, size=(batch, length + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((batch, length), bool)}
+    weights = np.ones((batch, length), "float32")
+    weights[:, :5] = 0.0
+    causal_lm.preprocessor = None
+    loss = float(causal_lm.train_on_batch(x, tokens[:, 1:], sample_weight=weights, return_dict=True)["loss"])
+    lora = {v.path: np.array(v.numpy()) for v in causal_lm.backbone.trainable_weights}
+    keras.distribution.set_distribution(None)
+    return loss, lora
+
+
+def transformers_logits(directory, token_ids, adapter=None):
+    """Logits of a Transformers checkpoint directory (and a PEFT adapter on it, unmerged) on `token_ids`, float32."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if adapter is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(token_ids), dtype=torch.long)).logits.numpy()
+
+
+def jitted_logits(model, inputs):
+    """`model(inputs)` as a numpy array, through one jitted call (Keras' eager op-by-op dispatch is slow on CPU)."""
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    other = [v.value for v in model.non_trainable_variables]
+    return np.asarray(jax.jit(lambda t, o, x: model.stateless_call(t, o, x)[0])(trainable, other, inputs))
+
+
+# --------------------------------------------------------------------------
+# Objectives: preference pairs
+
+
+# Words the "chosen" responses of `write_preferences` are made of, and those of the "rejected" ones.
+PREFERRED_WORDS = ("blue", "calm", "green", "soft", "bright", "warm", "clear", "kind")
+DISPREFERRED_WORDS = ("red", "loud", "grey", "hard", "dark", "cold", "dull", "rude")
+
+
+def write_preferences(path, count=96, seed=0, form="text"):
+    """A JSONL of preference records whose chosen responses use one set of words and rejected ones another.
+
+    No model has seen that pattern: a random-init model prefers either side of a pair about
+    as often, and a tuned one learns to prefer the chosen words.
+
+    Args:
+        path: the file to write.
+        count: records.
+        seed: the words' random seed.
+        form: "text" (prompt, chosen, rejected strings), "messages" (a prompt of messages and
+            responses of one model message each) or "implicit" (two whole conversations).
+
+    Returns:
+        The path, as a string.
+    """
+    rng = random.Random(seed)
+    with open(path, "w") as file:
+        for i in range(count):
+            prompt = f"Describe the thing number {i % 11}:"
+            chosen = " ".join(rng.choice(PREFERRED_WORDS) for _ in range(rng.randint(3, 6)))
+            rejected = " ".join(rng.choice(DISPREFERRED_WORDS) for _ in range(rng.randint(3, 6)))
+            if form == "messages":
+                record = {"prompt": [{"role": "user", "content": prompt}],
+                          "chosen": [{"role": "assistant", "content": chosen}],
+                          "rejected": [{"role": "assistant", "content": rejected}]}
+            elif form == "implicit":
+                user = {"role": "user", "content": prompt}
+                record = {"chosen": [user, {"role": "model", "content": chosen}],
+                          "rejected": [user, {"role": "model", "content": rejected}]}
+            else:
+                record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            file.write(json.dumps(record) + "\n")
+    return str(path)

@@ -63,7 +63,7 @@ def epoch_order(sizes, batch_size, seed, epoch, shuffle_buffer):
     return groups.astype(np.int32), rows
 
 
-def train_stream(groups, batch_size, seed, shuffle_buffer):
+def train_stream(groups, batch_size, seed, shuffle_buffer, batch_of=to_batch):
     """Returns `start_step -> dataset`: the endless training stream from a global step, each epoch reshuffled.
 
     Batch `s` of the stream is batch `s % steps_per_epoch` of epoch
@@ -75,6 +75,7 @@ def train_stream(groups, batch_size, seed, shuffle_buffer):
         batch_size: static rows a batch.
         seed: seeds the shuffles and the mixing.
         shuffle_buffer: the shuffle window (<= 1 means no shuffle within a group).
+        batch_of: `(ids, weights, mask) -> batch` of the gathered rows (`to_batch`; preference pairs have their own).
     """
     import tensorflow as tf
 
@@ -95,7 +96,7 @@ def train_stream(groups, batch_size, seed, shuffle_buffer):
     def gather(group, rows):
         branches = [lambda table=table: [tf.gather(column, rows) for column in table] for table in tables]
         columns = branches[0]() if len(branches) == 1 else tf.switch_case(group, branches)
-        return to_batch(*columns)
+        return batch_of(*columns)
 
     def from_step(start_step=0):
         first_epoch, offset = divmod(int(start_step), steps_per_epoch)
@@ -106,8 +107,14 @@ def train_stream(groups, batch_size, seed, shuffle_buffer):
     return from_step
 
 
-def validation_dataset(groups, batch_size):
-    """Returns the validation dataset: every row once, in order, last batches filled with weight-0 copies."""
+def validation_dataset(groups, batch_size, batch_of=to_batch):
+    """Returns the validation dataset: every row once, in order, last batches filled with weight-0 copies.
+
+    Args:
+        groups: list of `Rows`, one a bucket length.
+        batch_size: rows a batch.
+        batch_of: `(ids, weights, mask) -> batch` (`to_batch`; preference pairs have their own).
+    """
     import tensorflow as tf
 
     parts, filler = [], 0
@@ -124,4 +131,4 @@ def validation_dataset(groups, batch_size):
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
-    return dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), filler
+    return dataset.map(batch_of, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE), filler

@@ -9,6 +9,7 @@ import math
 
 from keras_tune.errors import UserError
 from keras_tune.memory import activations
+from keras_tune.memory.objective import objective_bytes, rows_per_example
 from keras_tune.models import families
 
 
@@ -105,6 +106,10 @@ class MemoryReport:
         verdict: "fits (N GiB free)", "does not fit: needs N GiB more", or why there is none.
         suggestion: a change the planner checked fits, e.g. "try --lora-rank 4".
         suggested: that change as config overrides, e.g. `{"lora.rank": 4}`.
+        objective: the run's `train.objective` (`keras_tune.memory.objective`).
+        teacher_weights: a distillation's frozen teacher on this device.
+        second_forward: DPO's reference pass or the teacher's forward pass (no backward).
+        objective_buffers: the teacher's block of logits, on-policy sampling's cache.
     """
 
     preset: str
@@ -136,6 +141,10 @@ class MemoryReport:
     verdict: str = ""
     suggestion: str = ""
     suggested: dict = None
+    objective: str = "sft"
+    teacher_weights: int = 0
+    second_forward: int = 0
+    objective_buffers: int = 0
 
     def as_dict(self):
         """The report as a JSON-ready dict."""
@@ -182,7 +191,8 @@ def figures(config, plan, arch=None):
     family = planner_family(config)
     shapes = family.planner_shapes(plan, arch if arch is not None else family.backbone_kwargs(config))
     batch_axis = plan.mesh_sizes.get("batch", 1)
-    batch, seq = config.data.batch_size // batch_axis, config.data.seq_len
+    # Sequences on a device: a preference pair is two (chosen, rejected).
+    batch, seq = config.data.batch_size // batch_axis * rows_per_example(config), config.data.seq_len
     compute = _COMPUTE_BYTES[config.train.precision]
     weights = weight_bytes(plan, config)
     no_remat = activations.activation_bytes(shapes, batch, seq, compute, remat=False)
@@ -190,9 +200,12 @@ def figures(config, plan, arch=None):
     kept = remat if config.train.remat else no_remat
     workspace = activations.backward_workspace(shapes, batch, seq, compute)
     logits = activations.logits_bytes(shapes, batch * seq, compute, batch_axis, config.train)
+    extra = objective_bytes(config, plan, shapes, batch, seq, compute, logits)
+    teacher_weights = weight_bytes(extra["teacher"][1], extra["teacher"][0])["base"] if extra["teacher"] else 0
     total = (
         weights["base"] + weights["trainable"] + weights["optimizer"] + weights["gradients"]
         + kept + max(logits, workspace) + weights["transient"]
+        + teacher_weights + extra["second_forward"] + extra["objective_buffers"]
     )
     return MemoryReport(
         preset=config.preset, mesh="x".join(str(n) for n in plan.mesh.shape), layout=plan.layout.name,
@@ -203,4 +216,6 @@ def figures(config, plan, arch=None):
         optimizer_state=weights["optimizer"], gradients=weights["gradients"],
         activations=kept, activations_no_remat=no_remat, activations_remat=remat,
         backward_workspace=workspace, logits=logits, transient_weights=weights["transient"], total=int(total),
+        objective=config.train.objective, teacher_weights=int(teacher_weights),
+        second_forward=int(extra["second_forward"]), objective_buffers=int(extra["objective_buffers"]),
     )

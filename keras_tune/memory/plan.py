@@ -84,11 +84,20 @@ def format_memory_report(report):
         ("logits/loss buffer", report.logits, f"{report.loss} loss"),
         ("backward workspace", report.backward_workspace, "the peak holds the larger of this and the logits"),
         ("transient weights", report.transient_weights, "the largest weight gathered/cast for the compute"),
-        ("total (planned peak)", report.total, ""),
     ]
+    # What an objective adds (keras_tune.memory.objective): rows only where it adds something.
+    second = "the teacher's forward pass" if report.teacher_weights else "DPO's reference: the base with LoRA off"
+    rows += [row for row in (
+        ("teacher weights", report.teacher_weights, "frozen, on the same mesh"),
+        ("second forward pass", report.second_forward, f"{second}, no backward"),
+        ("objective buffers", report.objective_buffers, "the teacher's logits block (and sampling cache)"),
+    ) if row[1]]
+    rows.append(("total (planned peak)", report.total, ""))
     lines = [
         f"memory per device: mesh {report.mesh} ({report.devices} devices), layout {report.layout}, "
         f"batch {report.batch_size} x {report.seq_len} tokens, {report.precision}, {lora}{quantize}"
+        + (f", objective {report.objective}" if report.objective != "sft" else "")
+        + (" (a batch row is a pair: 2 sequences)" if report.objective in ("dpo", "orpo") else "")
     ]
     lines += [f"  {name:<21}{format_bytes(value):>11}  {note}".rstrip() for name, value, note in rows]
     device = format_bytes(report.device_memory) if report.device_memory else "unknown"

@@ -203,3 +203,20 @@ class Family:
             backbone: the exported model's backbone.
             directory: the Transformers directory keras-hub wrote.
         """
+
+    def decode_cache(self, causal_lm, batch_size, length):
+        """An empty key/value cache for `causal_lm.call_with_cache`; None: not servable.
+
+        Every leaf holds rows on axis 0 and `[..., heads, head_dim]` last (the server
+        places rows over the mesh's batch axis and heads over the model axis).
+
+        `keras_tune.serve` decodes each row at its own position through the
+        model's own `call_with_cache`; a family whose CausalLM has none (the
+        default) is refused by the server with one line.
+
+        Args:
+            causal_lm: the family's built CausalLM.
+            batch_size: rows (the server's slots).
+            length: positions a row holds (the server's context).
+        """
+        return None

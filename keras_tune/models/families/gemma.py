@@ -45,6 +45,14 @@ class Gemma(Family):
     def after_transformers_export(self, backbone, directory):
         _rewrite_gemma1_attention(backbone, directory)
 
+    def decode_cache(self, causal_lm, batch_size, length):
+        """`GemmaCausalLM.call_with_cache`'s one tensor `[batch, layers, 2 (key, value), length, heads, head_dim]`."""
+        import jax.numpy as jnp
+
+        backbone = causal_lm.backbone
+        shape = (batch_size, backbone.num_layers, 2, length, backbone.num_key_value_heads, backbone.head_dim)
+        return jnp.zeros(shape, dtype=causal_lm.compute_dtype)
+
 
 def transformer_shapes(plan, arch):
     """Reads a keras-hub Gemma decoder stack and its per-device split off a sharding plan.

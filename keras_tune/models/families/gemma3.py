@@ -63,6 +63,15 @@ class Gemma3(Gemma):
     def after_transformers_export(self, backbone, directory):
         """Nothing to mend: keras-hub writes Gemma 3's attention right."""
 
+    def decode_cache(self, causal_lm, batch_size, length):
+        """`Gemma3CausalLM.call_with_cache`'s cache: a `(key, value)` pair a layer, each `[batch, length, heads, head_dim]`."""
+        import jax.numpy as jnp
+
+        backbone = causal_lm.backbone
+        shape = (batch_size, length, backbone.num_key_value_heads, backbone.head_dim)
+        return tuple((jnp.zeros(shape, causal_lm.compute_dtype), jnp.zeros(shape, causal_lm.compute_dtype))
+                     for _ in range(backbone.num_layers))
+
 
 def _gguf_path(config):
     """The GGUF file a `gguf`-source config reads ("registry" resolves to the package's file)."""
