@@ -202,3 +202,180 @@ def initialize_processes(coordinator, count, index, heartbeat_timeout_s):
         keras.distribution.initialize(job_addresses=coordinator, num_processes=count, process_id=index)
     finally:
         jax.distributed.initialize = original
+
+
+def kerashub_gemma4_text_classes():
+    """keras-hub's Gemma 4 text decoder block and RMS norm, which `keras_hub.models` does not export.
+
+    keras_tune's text-only Gemma 4 (`keras_tune.models.gemma4`) subclasses the
+    block (its attention, norms and per-layer-input layers are keras-hub's, so
+    weights keep keras-hub's names) and builds its norms with keras-hub's class.
+
+    Returns:
+        `(Gemma4TextDecoderBlock, RMSNormalization)`.
+    """
+    from keras_hub.src.models.gemma4.gemma4_decoder_block import Gemma4TextDecoderBlock
+    from keras_hub.src.models.gemma4.gemma4_layers import RMSNormalization
+
+    return Gemma4TextDecoderBlock, RMSNormalization
+
+
+def kerashub_preset_loader(handle):
+    """keras-hub's loader of a preset (`kaggle://`, `hf://`, a directory), which reads its config and weights.
+
+    keras-hub builds a preset's whole model (for Gemma 4 with its vision and
+    audio encoders) through this loader; keras_tune builds the text model
+    itself and asks the loader only for the config, the tokenizer and the
+    weights (`keras_weight_locations`, `keras_weights_store`).
+
+    Args:
+        handle: a keras-hub preset handle or directory.
+
+    Returns:
+        A keras-hub `PresetLoader` (`.config`, `.preset`, `.load_tokenizer(cls)`).
+    """
+    from keras_hub.src.utils.preset_utils import get_preset_loader
+
+    return get_preset_loader(handle)
+
+
+def keras_weight_locations(model):
+    """`{variable path: (group, key)}`: where Keras' weights file of `model` holds each of its variables.
+
+    Keras' `.weights.h5` addresses a variable by the object tree that saved it
+    (`layers/<snake_case class name>[_n]/.../vars/<index>`), not by its path, so
+    a model of another class (keras_tune's text-only Gemma 4 reading a keras-hub
+    `Gemma4Backbone`'s file) cannot `load_weights` it. This walks `model` the
+    way Keras' saving does (`saving_lib._save_state`), recording where each
+    variable would be written instead of writing it; `model` may be abstract
+    (variables deferred under `StatelessScope(initialize_variables=False)`).
+
+    Args:
+        model: a built Keras model of the class and config that wrote the file.
+    """
+    import keras
+    from keras.src.saving import saving_lib
+
+    class Recorder(saving_lib.H5IOStore):
+        """A write-mode store that keeps each variable's address and no value."""
+
+        def __init__(self):  # no file: the parent's would open one
+            self.locations, self.group = {}, None
+
+        def __bool__(self):
+            return True
+
+        def make(self, path, metadata=None):
+            self.group = path
+            return self
+
+        def __setitem__(self, key, value):
+            if isinstance(value, keras.Variable):
+                self.locations.setdefault(value.path, (self.group, key))
+
+    recorder = Recorder()
+    saving_lib._save_state(model, recorder, None, inner_path="", visited_saveables=set())
+    return recorder.locations
+
+
+def keras_weights_store(path):
+    """Keras' reader of a `.weights.h5` file or a sharded `.weights.json` index: `store.get(group)[key]` is an array.
+
+    Args:
+        path: the local file.
+    """
+    from keras.src.saving import saving_lib
+
+    if path.endswith(".json"):
+        return saving_lib.ShardedH5IOStore(path, mode="r")
+    return saving_lib.H5IOStore(path, mode="r")
+
+
+def kerashub_backbone_weights_file(loader):
+    """The local path of a keras-hub preset's backbone weights (`model.weights.h5`, or the sharded index
+    with its shards fetched), as keras-hub's `_load_backbone_weights` finds it.
+
+    Args:
+        loader: `kerashub_preset_loader(...)` of a keras-hub (Keras-format) preset.
+    """
+    from keras_hub.src.utils import preset_utils
+
+    if preset_utils.check_file_exists(loader.preset, preset_utils.MODEL_WEIGHTS_FILE):
+        return preset_utils.get_file(loader.preset, preset_utils.MODEL_WEIGHTS_FILE)
+    index = preset_utils.get_file(loader.preset, preset_utils.SHARDED_MODEL_WEIGHTS_CONFIG_FILE)
+    for shard in loader._get_sharded_filenames(index):
+        preset_utils.get_file(loader.preset, shard)
+    return index
+
+
+def kerashub_gemma4_transformers_weights(loader, backbone):
+    """Ports a Transformers Gemma 4 checkpoint's text weights into `backbone` (keras-hub's converter).
+
+    Args:
+        loader: `kerashub_preset_loader(...)` of a Transformers checkpoint.
+        backbone: a backbone with keras-hub's Gemma 4 layer names.
+    """
+    from keras_hub.src.utils.transformers import convert_gemma4
+    from keras_hub.src.utils.transformers.safetensor_utils import SafetensorLoader
+
+    with SafetensorLoader(loader.preset) as tensors:
+        convert_gemma4.convert_weights(backbone, tensors, loader.config)
+
+
+def kerashub_sentencepiece_from_tokenizer_json(tokenizer_json):
+    """A serialized SentencePiece model rebuilt from a Gemma 4 `tokenizer.json` (keras-hub's converter).
+
+    Args:
+        tokenizer_json: the parsed `tokenizer.json`.
+    """
+    from keras_hub.src.utils.transformers.convert_gemma4 import _build_sentencepiece_proto
+
+    return _build_sentencepiece_proto(tokenizer_json)
+
+
+def kerashub_gemma4_transformers_export():
+    """keras-hub's Gemma 4 Transformers export pieces: `(config function, weight-map function, tokenizer export)`.
+
+    keras-hub dispatches its exporter on the backbone's class name, which a
+    subclass does not have; keras_tune calls the Gemma 4 functions directly and
+    mends what they write (`keras_tune.models.gemma4.transformers`).
+    """
+    from keras_hub.src.utils.transformers.export.gemma4 import get_gemma4_config, get_gemma4_weights_map
+    from keras_hub.src.utils.transformers.export.hf_exporter import export_tokenizer
+
+    return get_gemma4_config, get_gemma4_weights_map, export_tokenizer
+
+
+def kerashub_preset_file(loader, name):
+    """The local path of one file of a preset (downloaded first for a `kaggle://` or `hf://` handle).
+
+    Args:
+        loader: `kerashub_preset_loader(...)`.
+        name: the file's name in the preset, e.g. "tokenizer.json".
+    """
+    from keras_hub.src.utils.preset_utils import get_file
+
+    return get_file(loader.preset, name)
+
+
+def adding_variables(layer):
+    """A context in which a built Keras layer may create variables, as Keras' own `enable_lora` does.
+
+    A built layer locks its state tracker; Keras unlocks it (`layer._tracker`)
+    to add LoRA factors to a `Dense`, and so does Gemma 4's expert bank
+    (`keras_tune.models.gemma4.moe.SparseExperts.enable_lora`).
+
+    Args:
+        layer: a built Keras layer.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def unlocked():
+        layer._tracker.unlock()
+        try:
+            yield
+        finally:
+            layer._tracker.lock()
+
+    return unlocked()

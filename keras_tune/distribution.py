@@ -32,6 +32,8 @@ from keras_tune.errors import UserError
 from keras_tune.models import families
 
 MESH_AXES = ("batch", "model")
+# An optional third mesh axis ("BxMxE"): mixture-of-experts weights split their experts over it.
+EXPERT_AXIS = "experts"
 
 
 def simulate_devices(count):
@@ -157,7 +159,7 @@ def start_processes(config):
 
 
 def parse_mesh(text, device_count):
-    """Turns `"BxM"` or `"auto"` into `(batch, model)` sizes for `device_count` devices.
+    """Turns `"BxM"`, `"BxMxE"` or `"auto"` into `(batch, model)` or `(batch, model, experts)` sizes.
 
     Args:
         text: the `--mesh` value.
@@ -165,23 +167,24 @@ def parse_mesh(text, device_count):
     """
     if text == "auto":
         return 1, device_count
-    match = re.fullmatch(r"(\d+)x(\d+)", text or "")
+    match = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", text or "")
     if not match:
-        raise UserError(f"--mesh '{text}' is not of the form BxM (e.g. 1x8) or 'auto'")
-    batch, model = int(match.group(1)), int(match.group(2))
-    if batch < 1 or model < 1:
-        raise UserError(f"--mesh {text}: both axes must be at least 1, e.g. 1x{device_count}")
-    if batch * model != device_count:
+        raise UserError(f"--mesh '{text}' is not of the form BxM (e.g. 1x8), BxMxE (e.g. 1x2x4) or 'auto'")
+    sizes = tuple(int(group) for group in match.groups() if group is not None)
+    if min(sizes) < 1:
+        raise UserError(f"--mesh {text}: {'both axes' if len(sizes) == 2 else 'every axis'} must be at least 1, "
+                        f"e.g. 1x{device_count}")
+    if math.prod(sizes) != device_count:
         raise UserError(
-            f"--mesh {text} needs {batch * model} devices but {device_count} were found; "
+            f"--mesh {text} needs {math.prod(sizes)} devices but {device_count} were found; "
             f"use a mesh whose product is {device_count} (e.g. 1x{device_count}), or --simulate-devices "
-            f"{batch * model} on CPU"
+            f"{math.prod(sizes)} on CPU"
         )
-    return batch, model
+    return sizes
 
 
 def make_mesh(text, devices=None):
-    """Builds a `keras.distribution.DeviceMesh` with axes ("batch", "model").
+    """Builds a `keras.distribution.DeviceMesh` with axes ("batch", "model") (and "experts" for BxMxE).
 
     Args:
         text: the `--mesh` value, "BxM" or "auto".
@@ -191,9 +194,9 @@ def make_mesh(text, devices=None):
     import keras
 
     all_devices = devices if devices is not None else keras.distribution.list_devices()
-    batch, model = parse_mesh(text, len(all_devices))
+    sizes = parse_mesh(text, len(all_devices))
     return keras.distribution.DeviceMesh(
-        shape=(batch, model), axis_names=MESH_AXES, devices=all_devices[: batch * model]
+        shape=sizes, axis_names=(MESH_AXES + (EXPERT_AXIS,))[: len(sizes)], devices=all_devices[: math.prod(sizes)]
     )
 
 
@@ -202,6 +205,7 @@ class LayoutRule:
     pattern: str
     candidates: tuple  # tuples of axes, first preferred
     why: str = ""
+    optional: bool = False  # may match no variable (layers only some models of the family have)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +248,7 @@ def load_layout(name_or_path, family=None):
                 pattern=rule["pattern"],
                 candidates=tuple(tuple(axes) for axes in [rule["axes"], *rule.get("fallback", [])]),
                 why=rule.get("why", ""),
+                optional=bool(rule.get("optional", False)),
             )
             for rule in data["rules"]
         )
@@ -255,9 +260,10 @@ def load_layout(name_or_path, family=None):
         except re.error as error:
             raise UserError(f"layout {path}: rule '{rule.pattern}' is not a valid regex ({error})")
         for axes in rule.candidates:
-            bad = [axis for axis in axes if axis not in (*MESH_AXES, None)]
+            bad = [axis for axis in axes if axis not in (*MESH_AXES, EXPERT_AXIS, None)]
             if bad:
-                raise UserError(f"layout {path}: rule '{rule.pattern}' names mesh axes {bad}; expected {MESH_AXES} or null")
+                raise UserError(f"layout {path}: rule '{rule.pattern}' names mesh axes {bad}; "
+                                f"expected {(*MESH_AXES, EXPERT_AXIS)} or null")
     layout_family = data.get("family", family)
     if family and layout_family != family:
         raise UserError(
@@ -280,12 +286,13 @@ class Placement:
     note: str = ""
 
     def shard_factor(self, mesh_sizes):
-        return math.prod(mesh_sizes[axis] for axis in self.axes if axis)
+        # An axis the mesh lacks ("experts" on a BxM mesh) has size 1.
+        return math.prod(mesh_sizes.get(axis, 1) for axis in self.axes if axis)
 
 
 def _fits(shape, axes, mesh_sizes):
     return len(axes) == len(shape) and all(
-        axis is None or dim % mesh_sizes[axis] == 0 for dim, axis in zip(shape, axes)
+        axis is None or dim % mesh_sizes.get(axis, 1) == 0 for dim, axis in zip(shape, axes)
     )
 
 
@@ -318,8 +325,8 @@ def resolve_layout(layout, variables, mesh_sizes):
             if not fitting:
                 first = rule.candidates[0]
                 bad = next(
-                    (f"dimension {i} ({dim}) does not divide mesh axis '{axis}' of size {mesh_sizes[axis]}"
-                     for i, (dim, axis) in enumerate(zip(shape, first)) if axis and dim % mesh_sizes[axis])
+                    (f"dimension {i} ({dim}) does not divide mesh axis '{axis}' of size {mesh_sizes.get(axis, 1)}"
+                     for i, (dim, axis) in enumerate(zip(shape, first)) if axis and dim % mesh_sizes.get(axis, 1))
                     if len(first) == len(shape) else None,
                     f"rule has {len(first)} axes but the variable has {len(shape)} dimensions",
                 )
@@ -330,11 +337,13 @@ def resolve_layout(layout, variables, mesh_sizes):
             axes, rule_pattern = fitting[0], rule.pattern
             if axes != rule.candidates[0]:
                 note = f"fallback: {rule.candidates[0]} does not divide {shape}"
+            axes = tuple(axis if axis in mesh_sizes else None for axis in axes)  # "experts" on a BxM mesh
         placements.append(
             Placement(path, shape, str(variable.dtype), bool(variable.trainable), tuple(axes), rule_pattern, note)
         )
     placements = _lora_follows_its_kernel(placements, mesh_sizes)
-    unused = [pattern for pattern, count in matched.items() if count == 0]
+    optional = {rule.pattern for rule in layout.rules if rule.optional}
+    unused = [pattern for pattern, count in matched.items() if count == 0 and pattern not in optional]
     if unused:
         raise UserError(
             f"layout {layout.name}: rule '{unused[0]}' matches no variable of this model; "

@@ -9,7 +9,7 @@ any of four outputs, each named by its own flag:
 - `--transformers DIR`: the merged model as a Transformers directory, with a
   `tokenizer.json` (Gemma 1/3).
 - `--gguf FILE` (`--gguf-dtype f32|f16`): the merged model for llama.cpp and
-  Ollama (Gemma 3).
+  Ollama (Gemma 3 and Gemma 4).
 - `--keras-preset DIR`: the merged model as a keras-hub preset (every family;
   the only output for RecurrentGemma).
 
@@ -40,7 +40,7 @@ def build_parser():
         "python -m keras_tune.export",
         "Write a (LoRA-tuned) model as GGUF, a Transformers directory, a PEFT adapter or a keras-hub preset.",
     )
-    parser.add_argument("--gguf", metavar="FILE", help="write the merged model as a llama.cpp GGUF (Gemma 3)")
+    parser.add_argument("--gguf", metavar="FILE", help="write the merged model as a llama.cpp GGUF (Gemma 3, Gemma 4)")
     parser.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="f16", help="GGUF weight type (default f16)")
     parser.add_argument("--transformers", metavar="DIR", help="write the merged model as a Transformers directory")
     parser.add_argument("--peft", metavar="DIR", help="write the adapter in Hugging Face PEFT's layout (needs --adapter)")
@@ -67,7 +67,7 @@ def check_outputs(args, config):
     if not outputs:
         raise UserError("nothing to export; expected at least one of --gguf, --transformers, --peft, --keras-preset")
     problem = family_export_problem(config, list(outputs))
-    if problem:  # e.g. RecurrentGemma: a keras-hub preset only; GGUF: Gemma 3 only
+    if problem:  # e.g. RecurrentGemma: a keras-hub preset only; GGUF: Gemma 3 and Gemma 4 only
         raise UserError(problem)
     if args.peft and not config.model.adapter:
         raise UserError("--peft needs --adapter FILE: the PEFT layout holds an adapter, and none was given")

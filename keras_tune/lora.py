@@ -15,6 +15,7 @@ keras_tune.save_adapter(causal_lm, "run/adapter.npz", preset="gemma_tiny")
 ```
 """
 
+import contextlib
 import json
 import math
 
@@ -72,7 +73,8 @@ def apply_lora(model, rank, targets=("query", "value"), alpha=0.0):
             if getattr(layer, "bias", None) is not None:  # Keras leaves it trainable; adapters hold A and B only
                 layer.bias.trainable = False
             adapted.append(layer.path)
-            indices.append(index)
+            if hasattr(layer, "lora_kernel_a"):  # what keras-hub's .lora.h5 files can hold
+                indices.append(index)
     if not adapted:
         raise UserError(f"--lora-targets {','.join(targets)}: no layer of this model has those names")
     compat.set_kerashub_lora_state(backbone, indices, rank)
@@ -114,6 +116,13 @@ def format_report(report):
     )
 
 
+def _lora_variables(layer):
+    """A LoRA layer's adapter variables: Keras' `(lora_kernel_a, lora_kernel_b)`, or a layer's own list
+    (`lora_variables`, e.g. Gemma 4's expert bank: a pair for each of its matrices)."""
+    own = getattr(layer, "lora_variables", None)
+    return tuple(own) if own else (layer.lora_kernel_a, layer.lora_kernel_b)
+
+
 def _lora_layers(model):
     return [
         layer
@@ -133,9 +142,7 @@ def adapter_metadata(model, preset):
         "rank": int(layers[0].lora_rank),
         "alpha": float(layers[0].lora_alpha),
         "targets": sorted({layer.name for layer in layers}),
-        "variables": {
-            v.path: list(v.shape) for layer in layers for v in (layer.lora_kernel_a, layer.lora_kernel_b)
-        },
+        "variables": {v.path: list(v.shape) for layer in layers for v in _lora_variables(layer)},
     }
 
 
@@ -148,9 +155,7 @@ def save_adapter(model, path, preset):
         preset: the base preset name recorded in the file.
     """
     metadata = adapter_metadata(model, preset)
-    arrays = {
-        v.path: np.asarray(v.numpy()) for layer in _lora_layers(model) for v in (layer.lora_kernel_a, layer.lora_kernel_b)
-    }
+    arrays = {v.path: np.asarray(v.numpy()) for layer in _lora_layers(model) for v in _lora_variables(layer)}
     arrays[_METADATA_KEY] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
     with atomic_write(path, suffix=".npz") as partial:  # np.savez adds .npz to names without it
         np.savez(partial, **arrays)
@@ -200,7 +205,7 @@ def load_adapter(model, path, preset=None):
                 "expected an adapter of the same preset, rank and targets"
             )
     for layer in _lora_layers(model):
-        for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+        for variable in _lora_variables(layer):
             variable.assign(arrays[variable.path])
     return metadata
 
@@ -215,6 +220,9 @@ def merge_lora(model):
         model: a keras-hub CausalLM with LoRA enabled.
     """
     for layer in _lora_layers(model):
+        if hasattr(layer, "merge_lora"):  # a layer that folds its own adapters (Gemma 4's expert bank)
+            layer.merge_lora()
+            continue
         merged = layer.kernel  # keras returns the kernel with the LoRA update added
         compat.base_kernel(layer).assign(merged)
         layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, layer.lora_kernel_b.dtype))
@@ -238,3 +246,26 @@ def write_adapter_file(path, metadata, arrays):
     contents[_METADATA_KEY] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
     with atomic_write(path, suffix=".npz") as partial:
         np.savez(partial, **contents)
+
+
+@contextlib.contextmanager
+def lora_switched_off(model):
+    """The base network alone while inside: every LoRA layer computes without its update.
+
+    What DPO's reference model is (`keras_tune.objectives.preference`): the same
+    variables, so a LoRA run holds one copy of the base. Keras' LoRA layers
+    read `lora_enabled` when they compute (`kernel`, the int8 path's branch),
+    so a function traced inside this block leaves the adapters out; they are
+    back, unchanged, when it ends.
+
+    Args:
+        model: a keras-hub CausalLM or Backbone with LoRA enabled.
+    """
+    layers = _lora_layers(model)
+    for layer in layers:
+        layer.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.lora_enabled = True

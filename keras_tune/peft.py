@@ -55,9 +55,12 @@ HF_MODULES = {
     "ffw_gating": ("mlp.gate_proj", "dense"),
     "ffw_gating_2": ("mlp.up_proj", "dense"),
     "ffw_linear": ("mlp.down_proj", "dense"),
+    # Gemma 4's per-layer-input gate and projection (E2B, E4B), directly under the decoder layer.
+    "per_layer_input_gate": ("per_layer_input_gate", "dense"),
+    "per_layer_up_proj": ("per_layer_projection", "dense"),
 }
 # Gemma 2 is keras-hub's GemmaBackbone too; HF names its modules as Gemma 1 does.
-SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
+SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone", "Gemma4TextBackbone")
 _KERAS_NAME = {module.split(".")[-1]: name for name, (module, _) in HF_MODULES.items()}
 
 
@@ -195,7 +198,9 @@ def _lora_setting(backbone):
         )
     (rank, alpha), = settings
     names = sorted({name for _, name in layers})
-    missing = sorted(f"{name}[{i}]" for i in range(backbone.num_layers) for name in names if (i, name) not in layers)
+    # Gemma 4's key/value-sharing blocks have no key or value layers of their own.
+    present = _target_layers(backbone)
+    missing = sorted(f"{name}[{i}]" for (i, name) in present if name in names and (i, name) not in layers)
     if missing:
         raise UserError(
             f"PEFT adapter: no LoRA on {','.join(missing)}; expected every decoder block to have the same targets"
@@ -306,11 +311,12 @@ def read_peft_adapter(directory):
 def _peft_pairs(backbone, arrays, directory):
     """{(block, keras name): {"A": lora_A, "B": lora_B}}, refusing unknown or incomplete tensors."""
     prefix = _prefix(backbone)
-    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.(?:(self_attn|mlp)\.)?(\w+)\.lora_([AB])\.weight$")
     pairs = {}
     for key, value in arrays.items():
         match = pattern.match(key)
-        if not match or match.group(3) not in _KERAS_NAME:
+        known = match and match.group(3) in _KERAS_NAME
+        if not known or (match.group(2) or "") != HF_MODULES[_KERAS_NAME[match.group(3)]][0].rpartition(".")[0]:
             raise UserError(
                 f"PEFT adapter {directory}: tensor {key}; "
                 f"expected {prefix}<i>.self_attn|mlp.<q,k,v,o,gate,up,down>_proj.lora_A|B.weight"
@@ -319,7 +325,7 @@ def _peft_pairs(backbone, arrays, directory):
     if not pairs:
         raise UserError(f"PEFT adapter {directory}: no LoRA tensors; expected lora_A and lora_B weights")
     names = sorted({name for _, name in pairs})
-    expected = {(i, name) for i in range(backbone.num_layers) for name in names}
+    expected = {key for key in _target_layers(backbone) if key[1] in names}
     beyond = sorted(set(pairs) - expected)
     if beyond:
         raise UserError(

@@ -144,7 +144,7 @@ def test_export_refuses_existing_outputs_and_bad_requests_before_building(tuned_
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert existing.read_bytes() == b"keep me"
     assert export.main(["--preset", "gemma_tiny", "--gguf", str(tmp_path / "g.gguf")]) == 2
-    assert "expected a Gemma 3 preset" in capsys.readouterr().err
+    assert "expected a Gemma 3 or Gemma 4 preset" in capsys.readouterr().err
 
 
 def test_gemma1_transformers_export_projects_every_head_like_the_keras_model(tmp_path):

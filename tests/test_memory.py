@@ -115,7 +115,7 @@ def test_the_levers_lower_what_they_should():
 def test_a_family_outside_the_planner_is_refused_in_one_line(monkeypatch):
     recurrent = type(families.get("recurrentgemma"))
     monkeypatch.setattr(recurrent, "planner_shapes", families.Family.planner_shapes)  # a family with no planner view
-    with pytest.raises(UserError, match="memory planner covers gemma, gemma2, gemma3 models, not recurrentgemma"):
+    with pytest.raises(UserError, match="memory planner covers gemma, gemma2, gemma3, gemma4 models, not recurrentgemma"):
         memory_plan.plan_memory(_config("recurrentgemma_tiny", **{"distribution.mesh": "1x1"}), devices=jax.devices()[:1])
 
 

@@ -495,7 +495,7 @@ def test_a_gguf_of_a_family_without_one_is_refused_before_merging(presets, tmp_p
     root, _ = presets
     gemma = str(root / "gemma")
     assert main([gemma, gemma, "--out", str(tmp_path / "g.gguf")]) == 2
-    assert "a GGUF is written for Gemma 3 models; these are Gemma" in capsys.readouterr().err
+    assert "a GGUF is written for Gemma 3 or Gemma 4 models; these are Gemma" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

@@ -1,4 +1,4 @@
-"""Recipe `chat`: instruction data rendered in Gemma's turn format, loss on model turns only.
+"""Recipe `chat`: instruction data rendered in the model's turn format, loss on model turns only.
 
 Records come from `.jsonl`, `.json` (a list of objects) or `.csv` files and hold
 either a messages list (`data.messages_field`, default "messages": objects with
@@ -12,7 +12,9 @@ either a messages list (`data.messages_field`, default "messages": objects with
 with loss on each model turn's text, its `<end_of_turn>\n` and the final
 `<eos>`; user turns and the `<start_of_turn>model\n` headers carry none. Roles:
 `user`, `model` (or `assistant`), `system` (Gemma has no system turn: its text
-leads the next user turn, as Gemma's chat template does).
+leads the next user turn, as Gemma's chat template does). A Gemma 4 tokenizer
+(`<|turn>` one piece) gets Gemma 4's format: `<|turn>user\n{user}<turn|>\n<|turn>model\n...`,
+with a `<|turn>system\n` turn of its own (`keras_tune.decoding.turn_format`).
 
 Example:
 
@@ -27,9 +29,10 @@ import numpy as np
 from keras_tune.data import files
 from keras_tune.data.files import ReadExamples, read_examples, split_source
 from keras_tune.errors import UserError
-from keras_tune.decoding import END_OF_TURN as END
-from keras_tune.decoding import MODEL_TURN as MODEL
-from keras_tune.decoding import USER_TURN as USER
+from keras_tune.decoding import GEMMA_TURNS, turn_format
+
+# Gemma's (Gemma 1 to 3) turn markers, under the names callers of this recipe read them by.
+USER, MODEL, END = GEMMA_TURNS.user, GEMMA_TURNS.model, GEMMA_TURNS.end
 
 # How a model tuned on this recipe is prompted: in chat turns, or with plain text.
 PROMPT_FORMAT = "chat"
@@ -37,30 +40,36 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 ROLES = {"user": "user", "human": "user", "model": "model", "assistant": "model", "system": "system"}
 
 
-def render(turns):
+def render(turns, markers=GEMMA_TURNS):
     """Returns `(segments, weights)` for a conversation given as `(role, text)` pairs.
 
     Args:
         turns: `(role, text)` with role "user", "model" or "system".
+        markers: the turn format (`keras_tune.decoding.turn_format` of the
+            tokenizer: Gemma's, or Gemma 4's `<|turn>` ones with a system turn of its own).
     """
     segments, weights, system = [], [], []
     for role, text in turns:
-        if role == "system":
+        if role == "system" and markers.system:
+            segments.append(markers.system + text + markers.end)
+            weights.append(0.0)
+        elif role == "system":
             system.append(text)
         elif role == "user":
             text = "\n\n".join(system + [text])
             system = []
-            segments.append(USER + text + END)
+            segments.append(markers.user + text + markers.end)
             weights.append(0.0)
         else:
-            segments += [MODEL, text + END]
+            segments += [markers.model, text + markers.end]
             weights += [0.0, 1.0]
     return segments, weights
 
 
 def prompt_overhead(tokenizer):
     """Tokens a one-exchange conversation adds around its texts (with `<bos>`, `<eos>`)."""
-    return int(np.asarray(tokenizer(USER + END + MODEL + END)).size) + 2
+    markers = turn_format(tokenizer)
+    return int(np.asarray(tokenizer(markers.user + markers.end + markers.model + markers.end)).size) + 2
 
 
 def check(data_config):
@@ -80,6 +89,7 @@ def source(data_config, tokenizer, seed=0, log=print):
     paths = files.find_files(data_config.path, SUFFIXES, "chat")
     messages_field = data_config.messages_field
     prompt_field, response_field = data_config.prompt_field, data_config.response_field
+    markers = turn_format(tokenizer)  # Gemma 4's tokenizer has its own turn markers
 
     def to_example(record, where):
         if messages_field in record:
@@ -103,7 +113,7 @@ def source(data_config, tokenizer, seed=0, log=print):
             )
         if not any(role == "model" and text.strip() for role, text in turns):
             return "no model turn"
-        return render(turns)
+        return render(turns, markers)
 
     examples, dropped = read_examples(paths, data_config, "chat", to_example, txt_ok=False)
     log(f"chat: read {len(examples)} conversations from {len(paths)} file(s)")

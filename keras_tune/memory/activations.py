@@ -46,7 +46,11 @@ def block_activations(shapes, batch, seq, compute_bytes):
     kept = _norms(s, tokens, a)
     if s.qk_norm:  # Gemma 3's q/k norms: their inputs and 1/rms
         kept += query + key_value + tokens * (s.heads + s.kv_heads) * 4
-    kept += query + 2 * key_value  # q and k for q.k^T, v for probabilities.v
+    if s.value_norm:  # Gemma 4's parameter-free value norm: its input and 1/rms
+        kept += key_value + tokens * s.kv_heads * 4
+    # q and k for q.k^T, v for probabilities.v (a block that reuses an earlier
+    # block's keys and values, kv_heads 0 here, keeps only its queries).
+    kept += query + 2 * key_value
     # Scores: the float32 exp of the masked softmax, the probabilities in the
     # compute dtype, the soft cap's tanh; the mask, one byte a query-key pair.
     scores = batch * s.heads * seq * seq
@@ -57,6 +61,43 @@ def block_activations(shapes, batch, seq, compute_bytes):
     kept += 4 * tokens * s.ffw * a
     if "ffw_linear" in s.trained:
         kept += tokens * s.ffw * a
+    return kept + expert_activations(s, tokens, a) + per_layer_input_activations(s, tokens, a)
+
+
+def expert_activations(shapes, tokens, compute_bytes):
+    """Bytes a Gemma 4 mixture-of-experts path keeps (0 without experts), on one device.
+
+    What JAX saves of `keras_tune.models.gemma4.moe.expert_outputs`
+    (`jax.ad_checkpoint.print_saved_residuals`) for each of a token's k rows:
+    the gate and up outputs, the float32 tanh-GELU's five intermediates, the
+    expert's output (the router weight's gradient reads it), down's input
+    where the experts train; per token the router's float32 logits and
+    softmax and the three extra norms (the experts' own and two post-norms).
+
+    Args:
+        shapes: one block's `ModelShapes`.
+        tokens: tokens on this device.
+        compute_bytes: bytes of an activation element.
+    """
+    s, a = shapes, compute_bytes
+    if not s.experts:
+        return 0
+    rows = tokens * s.experts_per_token
+    kept = 2 * tokens * s.experts * 4 + 3 * (tokens * s.hidden * a + tokens * 4)  # router; 3 norms
+    kept += rows * (s.hidden * a + 2 * s.expert_ffw * a + 5 * s.expert_ffw * 4)
+    if "moe_expert_bank" in s.trained:
+        kept += rows * s.expert_ffw * a
+    return kept
+
+
+def per_layer_input_activations(shapes, tokens, compute_bytes):
+    """Bytes Gemma 4's per-layer input gate keeps (0 without one): gate output, GELU, product, projection and norm input."""
+    s, a = shapes, compute_bytes
+    if not s.per_layer_width:
+        return 0
+    kept = 5 * tokens * s.per_layer_width * a + tokens * s.hidden * a + tokens * 4
+    if "per_layer_input_gate" in s.trained:
+        kept += tokens * s.hidden * a
     return kept
 
 
@@ -114,9 +155,12 @@ def backward_workspace(shapes, batch, seq, compute_bytes):
         seq: tokens a sequence.
         compute_bytes: bytes of an activation element.
     """
+    if shapes.layer_groups:  # blocks that differ: the largest block's workspace
+        return max(backward_workspace(group, batch, seq, compute_bytes) for _, group in shapes.layer_groups)
     scores = batch * shapes.heads * seq * seq if shapes.layers > shapes.recurrent_layers else 0
     recurrent = 2 * batch * seq * shapes.lru if shapes.recurrent_layers else 0
-    return max(scores, recurrent) * 4 + 2 * batch * seq * shapes.ffw * compute_bytes
+    experts = 2 * batch * seq * shapes.experts_per_token * shapes.expert_ffw
+    return max(scores, recurrent) * 4 + (2 * batch * seq * shapes.ffw + experts) * compute_bytes
 
 
 def activation_bytes(shapes, batch, seq, compute_bytes, remat):
@@ -142,6 +186,10 @@ def activation_bytes(shapes, batch, seq, compute_bytes, remat):
     blocks = [(attention_layers, block_activations(shapes, batch, seq, compute_bytes) if attention_layers else 0)]
     if shapes.recurrent_layers:  # RecurrentGemma
         blocks.append((shapes.recurrent_layers, recurrent_block_activations(shapes, batch, seq, compute_bytes)))
+    if shapes.layer_groups:  # Gemma 4: blocks of several kinds
+        blocks = [(count, block_activations(group, batch, seq, compute_bytes)) for count, group in shapes.layer_groups]
+        # The per-layer inputs of every block (E2B, E4B), made before the first: projection, its norm, their sum.
+        final += 3 * tokens * sum(count * group.per_layer_width for count, group in shapes.layer_groups) * compute_bytes
     if remat:
         return shapes.layers * residual * compute_bytes + max(kept for _, kept in blocks) + final
     return sum(count * kept for count, kept in blocks) + final

@@ -35,6 +35,16 @@ class ModelShapes:
         recurrent_layers: RecurrentGemma's blocks with a recurrent temporal
             block (the other `layers - recurrent_layers` attend); 0 for Gemma.
         lru: width of the recurrence (linear_x, linear_y, the RG-LRU) on one device.
+        layer_groups: `((count, ModelShapes), ...)` for models whose blocks
+            differ (Gemma 4: head widths, shared keys and values, MLP widths,
+            experts): each group's numbers describe `count` blocks alike, and
+            the activation count sums over the groups; empty: `layers` blocks
+            of the numbers above.
+        value_norm: the block normalizes its values (Gemma 4's parameter-free norm).
+        experts, experts_per_token, expert_ffw: a mixture of experts beside the
+            MLP (Gemma 4 26B-A4B): experts on one device, k, and each expert's
+            intermediate width on one device.
+        per_layer_width: width of Gemma 4's per-layer input gate (0: none).
     """
 
     layers: int
@@ -55,6 +65,12 @@ class ModelShapes:
     head_on_batch_axis: bool
     recurrent_layers: int = 0
     lru: int = 0
+    layer_groups: tuple = ()
+    value_norm: bool = False
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_ffw: int = 0
+    per_layer_width: int = 0
 
 
 def layer_name(path):

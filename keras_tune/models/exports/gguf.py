@@ -1,5 +1,8 @@
 """Writing a (merged, fine-tuned) Gemma 3 as a llama.cpp `gemma3` GGUF that llama.cpp or Ollama can serve.
 
+Gemma 4 (`gemma4`) is written by its family's writer (`keras_tune.models.gemma4.gguf`),
+which `export_gguf` hands over to.
+
 The inverse of `keras_tune.models.gguf.load`: shapes in GGUF order
 (`keras_tune.models.gguf.tensors`), norm scales plus llama.cpp's 1, the
 vocabulary as `tokenizer.ggml.*` metadata (`keras_tune.models.gguf.vocabulary`).
@@ -19,7 +22,7 @@ import numpy as np
 
 from keras_tune.errors import UserError
 from keras_tune.models.gguf import tensors
-from keras_tune.models.gguf.vocabulary import vocabulary_metadata
+from keras_tune.models.gguf.vocabulary import vocabulary_metadata, write_vocabulary
 from keras_tune.rundir import atomic_write
 
 
@@ -84,24 +87,21 @@ def _write_architecture(writer, backbone, name, context_length, dtype):
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_vocabulary(writer, pieces, scores, types, ids, add_space_prefix):
-    """The `tokenizer.ggml.*` metadata: SentencePiece pieces, scores, types and special ids."""
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(ids["bos"])
-    writer.add_eos_token_id(ids["eos"])
-    writer.add_unk_token_id(ids["unk"])
-    writer.add_pad_token_id(ids["pad"])
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(add_space_prefix)
+def _family_or_none(causal_lm):
+    """The registered family that owns `causal_lm`, or None (then `_export_checks` says what is wrong)."""
+    from keras_tune.models import families
+
+    try:
+        return families.of_model(causal_lm)
+    except UserError:
+        return None
 
 
 def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None):
-    """Writes a `Gemma3CausalLM` as a llama.cpp `gemma3` GGUF (F32 or F16).
+    """Writes a `Gemma3CausalLM` as a llama.cpp `gemma3` GGUF (F32 or F16), or hands over to the model's family.
+
+    A family with an `export_gguf` method (Gemma 4: `keras_tune.models.gemma4.gguf`)
+    writes its own architecture; everything below describes the Gemma 3 writer.
 
     LoRA is merged on the way out: keras' `EinsumDense.kernel` returns
     `W + (alpha / rank) * A @ B` while LoRA is enabled, and that is what is written.
@@ -110,7 +110,8 @@ def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None)
     with `rundir.atomic_write`, so `path` is never half-written.
 
     Args:
-        causal_lm: a keras-hub `Gemma3CausalLM` with its preprocessor (tokenizer).
+        causal_lm: a keras-hub `Gemma3CausalLM` (or a model of a family with
+            `export_gguf`) with its preprocessor (tokenizer).
         path: output `.gguf` path.
         dtype: "f32" or "f16".
         context_length: `gemma3.context_length` to record; None means 32768 for
@@ -123,6 +124,10 @@ def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None)
     import gguf
     from keras import ops
 
+    # A family with its own GGUF writer (Gemma 4's `gemma4` architecture) writes it; otherwise Gemma 3's.
+    family_writer = getattr(_family_or_none(causal_lm), "export_gguf", None)
+    if family_writer is not None:
+        return family_writer(causal_lm, path, dtype=dtype, context_length=context_length, name=name)
     backbone, tokenizer = _export_checks(causal_lm, dtype)
     pieces, scores, types, ids, add_space_prefix = vocabulary_metadata(tokenizer)
     vocab_rows = backbone.vocabulary_size
@@ -134,7 +139,7 @@ def export_gguf(causal_lm, path, *, dtype="f32", context_length=None, name=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as partial, contextlib.closing(gguf.GGUFWriter(partial, tensors.ARCHITECTURE)) as writer:
         _write_architecture(writer, backbone, name or path.stem, context_length, dtype)
-        _write_vocabulary(writer, pieces, scores, types, ids, add_space_prefix)
+        write_vocabulary(writer, pieces, scores, types, ids, add_space_prefix)
         for tensor_name, layer, attr, kind in tensors.tensor_map(backbone):
             value = np.asarray(ops.convert_to_numpy(getattr(layer, attr)), dtype=np.float32)
             if kind == "norm":

@@ -10,7 +10,7 @@ Example:
 
 ```python
 from keras_tune.models import families
-print(families.names())                    # ('gemma', 'gemma2', 'gemma3', 'recurrentgemma')
+print(families.names())                    # ('gemma', 'gemma2', 'gemma3', 'recurrentgemma', 'gemma4')
 family = families.get("gemma2")
 family = families.of_model(causal_lm)      # the family a built model belongs to
 ```
@@ -21,6 +21,7 @@ from keras_tune.models.families.base import EXPORT_FORMATS, GENERIC_SOURCES, Fam
 from keras_tune.models.families.gemma import Gemma
 from keras_tune.models.families.gemma2 import Gemma2
 from keras_tune.models.families.gemma3 import Gemma3
+from keras_tune.models.families.gemma4 import Gemma4
 from keras_tune.models.families.recurrent_gemma import RecurrentGemma
 
 _REGISTRY = {}
@@ -117,7 +118,7 @@ def lora_targets():
     return tuple(dict.fromkeys(target for family in _REGISTRY.values() for target in family.lora_targets))
 
 
-for _family in (Gemma(), Gemma2(), Gemma3(), RecurrentGemma()):
+for _family in (Gemma(), Gemma2(), Gemma3(), RecurrentGemma(), Gemma4()):
     register(_family)
 
 __all__ = ["EXPORT_FORMATS", "GENERIC_SOURCES", "Family", "for_source", "get", "lora_targets", "names", "of_model",

@@ -2,8 +2,9 @@
 
 Reading (`gguf_tokenizer`): the SentencePiece model (BPE, byte fallback, identity
 normalization) is rebuilt from the GGUF's pieces, scores and token types, so
-ids match the original tokenizer. Writing (`vocabulary_metadata`): the inverse
-of each rule, for `keras_tune.models.exports.gguf`.
+ids match the original tokenizer. Writing (`vocabulary_metadata`, then
+`write_vocabulary`): the inverse of each rule, for `keras_tune.models.exports.gguf`
+(Gemma 3) and `keras_tune.models.gemma4.gguf`.
 """
 
 import re
@@ -174,3 +175,24 @@ def vocabulary_metadata(tokenizer):
         ids[name] = tokenizer.token_to_id(piece_name)
     ids["unk"] = next((i for i, piece in enumerate(proto.pieces) if piece.type == _UNKNOWN), 3)
     return pieces, scores, types, ids, proto.normalizer_spec.add_dummy_prefix
+
+
+def write_vocabulary(writer, pieces, scores, types, ids, add_space_prefix):
+    """The `tokenizer.ggml.*` metadata: SentencePiece pieces, scores, types and special ids.
+
+    Args:
+        writer: a `gguf.GGUFWriter`.
+        pieces, scores, types, ids, add_space_prefix: what `vocabulary_metadata` returns.
+    """
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_eos_token_id(ids["eos"])
+    writer.add_unk_token_id(ids["unk"])
+    writer.add_pad_token_id(ids["pad"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(add_space_prefix)
