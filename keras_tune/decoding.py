@@ -133,7 +133,7 @@ def generate_texts(causal_lm, preprocessor, prompts, max_length, chat=False):
     """
     inputs = [chat_prompt(p, preprocessor.tokenizer) if chat else p for p in prompts]
     # The batch is split over the mesh's batch axis: pad it to a multiple with copies, drop them after.
-    multiple = _batch_axis_size()
+    multiple = batch_axis_size()
     inputs += inputs[-1:] * (-len(inputs) % multiple)
     before = causal_lm.preprocessor
     causal_lm.preprocessor = preprocessor
@@ -150,7 +150,7 @@ def generate_texts(causal_lm, preprocessor, prompts, max_length, chat=False):
     return texts[: len(prompts)]
 
 
-def _batch_axis_size():
+def batch_axis_size():
     """How many ways the active keras distribution splits a batch (1 without one)."""
     import keras
 

@@ -39,6 +39,7 @@ import dataclasses
 
 import numpy as np
 
+from keras_tune import decoding
 from keras_tune.errors import UserError
 from keras_tune.serve import sampling
 
@@ -137,7 +138,7 @@ class DecodeEngine:
         self.causal_lm, self.adapters = causal_lm, adapters
         self.slots, self.context = int(slots), int(context)
         self.buckets = buckets_for(self.context)
-        self.widths = widths_for(self.slots, _batch_axis_size())
+        self.widths = widths_for(self.slots, decoding.batch_axis_size())
         lora = [variable for pair in adapters.variables for variable in pair]
         lora_ids = {id(variable) for variable in lora}
         self._base_variables = [v for v in causal_lm.backbone.weights if id(v) not in lora_ids]
@@ -306,18 +307,6 @@ class DecodeEngine:
         if log:
             log(f"compiled the decode step for {', '.join(map(str, self.widths))} slots and {len(self.buckets)} "
                 f"prefill lengths ({', '.join(map(str, self.buckets))}) in {time.perf_counter() - started:.1f}s")
-
-
-def _batch_axis_size():
-    """How many ways the active keras distribution splits a batch (1 without one)."""
-    import keras
-
-    distribution = keras.distribution.distribution()
-    mesh = getattr(distribution, "device_mesh", None)
-    if mesh is None:
-        return 1
-    name = getattr(distribution, "batch_dim_name", None) or mesh.axis_names[0]
-    return int(dict(zip(mesh.axis_names, mesh.shape)).get(name, 1))
 
 
 def _place_rows(cache):
