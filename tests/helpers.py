@@ -598,6 +598,16 @@ def kerashub_gemma4_logits(twin, token_ids, padding_mask):
     return jitted_logits(twin, {"token_ids": token_ids, "padding_mask": padding_mask, "position_ids": positions})
 
 
+def random_lora(causal_lm, targets, seed=1):
+    """LoRA rank 4 on `targets`, every factor random (B too: an update that is not zero)."""
+    from keras_tune.lora import apply_lora
+
+    apply_lora(causal_lm, 4, targets, alpha=8.0)
+    rng = np.random.default_rng(seed)
+    for variable in causal_lm.backbone.trainable_weights:
+        variable.assign(rng.normal(0.0, 0.05, size=variable.shape).astype("float32"))
+
+
 def sgd_step(preset, mesh, devices, targets, learning_rate=0.1):
     """One SGD step of LoRA (rank 4, `targets`, seed 7) on a fixed batch with a prompt, on `mesh`.
 

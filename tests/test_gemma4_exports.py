@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import gemma4_causal_lm, jitted_logits, transformers_logits
+from helpers import gemma4_causal_lm, jitted_logits, random_lora, transformers_logits
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -15,16 +15,6 @@ def _tokens(seed=0, length=36):
     tokens = rng.integers(3, 1024, size=(2, length)).astype("int32")
     tokens[:, 0] = 2
     return tokens
-
-
-def _lora(causal_lm, targets, seed=1):
-    """LoRA on `targets`, every factor random (B too: an update that is not zero)."""
-    from keras_tune.lora import apply_lora
-
-    apply_lora(causal_lm, 4, targets, alpha=8.0)
-    rng = np.random.default_rng(seed)
-    for variable in causal_lm.backbone.trainable_weights:
-        variable.assign(rng.normal(0.0, 0.05, size=variable.shape).astype("float32"))
 
 
 @pytest.mark.parametrize("preset, targets", [
@@ -37,7 +27,7 @@ def test_the_transformers_export_of_a_lora_tuned_model_loads_in_transformers_wit
     from keras_tune.models.exports.transformers import export_transformers
 
     _, causal_lm = gemma4_causal_lm(preset)
-    _lora(causal_lm, targets)
+    random_lora(causal_lm, targets)
     tokens = _tokens()
     tuned = jitted_logits(causal_lm, {"token_ids": tokens, "padding_mask": np.ones_like(tokens)})
     merge_lora(causal_lm)
@@ -67,7 +57,7 @@ def test_the_peft_adapter_applies_unmerged_on_the_transformers_base(tmp_path, pr
     _, causal_lm = gemma4_causal_lm(preset)
     base = tmp_path / "base"
     export_transformers(causal_lm, str(base))
-    _lora(causal_lm, targets)
+    random_lora(causal_lm, targets)
     tokens = _tokens(seed=2)
     tuned = jitted_logits(causal_lm, {"token_ids": tokens, "padding_mask": np.ones_like(tokens)})
     config = save_peft_adapter(causal_lm, str(tmp_path / "peft"))
@@ -181,7 +171,7 @@ def test_the_merged_keras_preset_reloads_as_the_same_model(tmp_path):
     from keras_tune.models.loader import load_causal_lm
 
     _, causal_lm = gemma4_causal_lm("gemma4_moe_tiny")
-    _lora(causal_lm, ("query", "moe_expert_bank"))
+    random_lora(causal_lm, ("query", "moe_expert_bank"))
     tokens = _tokens(seed=5)
     tuned = jitted_logits(causal_lm, {"token_ids": tokens, "padding_mask": np.ones_like(tokens)})
     result = merge_and_export(causal_lm, str(tmp_path / "merged"), transformers=False, log=lambda line: None)

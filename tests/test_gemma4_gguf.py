@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from helpers import gemma4_causal_lm, jitted_logits
+from helpers import gemma4_causal_lm, jitted_logits, random_lora
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -24,16 +24,6 @@ def _tokens(length=40, seed=3):
     tokens = rng.integers(3, 1024, size=(1, length)).astype("int32")
     tokens[:, 0] = 2
     return tokens
-
-
-def _lora(causal_lm, targets, seed=1):
-    """LoRA on `targets`, every factor random (B too: an update that is not zero)."""
-    from keras_tune.lora import apply_lora
-
-    apply_lora(causal_lm, 4, targets, alpha=8.0)
-    rng = np.random.default_rng(seed)
-    for variable in causal_lm.backbone.trainable_weights:
-        variable.assign(rng.normal(0.0, 0.05, size=variable.shape).astype("float32"))
 
 
 def _llama_cpp(path, tokens, text):
@@ -66,7 +56,7 @@ def test_the_gguf_of_a_lora_tuned_model_gives_keras_logits_in_llama_cpp(tmp_path
     tokens = _tokens()
     inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
     base = np.asarray(jitted_logits(causal_lm, inputs))[0]
-    _lora(causal_lm, targets)
+    random_lora(causal_lm, targets)
     tuned = np.asarray(jitted_logits(causal_lm, inputs))[0]
     merge_lora(causal_lm)
     path = export_gguf(causal_lm, tmp_path / "tuned.gguf", dtype=dtype)
